@@ -1,0 +1,38 @@
+"""Installable package for torchreid-attrimeter, an AttriMeter plugin for torchreid."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# torchreid (PyPI 0.2.5 repack and the official source install alike) declares no dependencies,
+# so everything it imports at `import torchreid` time is declared here.
+TORCHREID_RUNTIME = [
+    "scipy",
+    "opencv-python-headless",
+    "gdown",
+    "tensorboard",
+    "Pillow",
+    "numpy",
+    "yacs",
+    "matplotlib",
+    "tqdm",
+    "h5py",
+    "six",
+    "future",
+]
+
+setup(
+    name="torchreid-attrimeter",
+    version="0.1.0",
+    description="AttriMeter for torchreid: split a ReID model's distance into per-attribute components",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["torchreid_attrimeter", "torchreid_attrimeter.*"]),
+    include_package_data=True,
+    # Lower bounds only: an upper bound or an exact pin would make pip replace an installed
+    # (multi-GB) torch build.
+    install_requires=["torch>=1.13", "torchvision>=0.14", "torchreid>=0.2.5", *TORCHREID_RUNTIME],
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff"]},
+)
