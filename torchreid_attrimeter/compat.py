@@ -83,6 +83,12 @@ save_checkpoint = _require("utils.save_checkpoint")
 set_random_seed = _require("utils.set_random_seed")
 mkdir_if_missing = _require("utils.mkdir_if_missing")
 read_image = _require("utils.read_image")
+build_transforms = _require("data.transforms.build_transforms")
+Logger = _require("utils.Logger")
+collect_env_info = _require("utils.collect_env_info")
+ImageSoftmaxEngine = _require("engine.ImageSoftmaxEngine")
+TorchreidMarket1501 = _require("data.datasets.Market1501")
+TorchreidDukeMTMCreID = _require("data.datasets.DukeMTMCreID")
 
 
 def torchreid_submodule(relative: str) -> ModuleType:
