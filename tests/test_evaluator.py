@@ -1,0 +1,356 @@
+"""The explanation-aware evaluator against a slow, one-pair-at-a-time reference (method page §6):
+retrieval of target and interpreter, ADRE, X-mAP_e, X-mAP_c (N = 0 rule), top-k precision, agreement,
+unknown labels, pair modes, tiling, and the extraction loop."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from torchreid_attrimeter.decomposition import Decomposition
+from torchreid_attrimeter.evaluation import (
+    ExplanationEvaluator,
+    extract_decompositions,
+    format_table,
+    pair_explanation_stats,
+)
+from torchreid_attrimeter.evaluation.explanation_metrics import (
+    descending_sorting_network,
+    sort_rows_descending,
+)
+
+M, D = 5, 4
+NAMES = tuple(f"attribute_{index}" for index in range(M))
+
+
+# -- the slow reference ------------------------------------------------------------------------------
+
+def truncated(value):
+    """The component as the evaluator ranks it: float32 with its lowest mantissa bit cleared."""
+    return np.array([value], dtype=np.float32).view(np.int32)[0] & ~1
+
+
+def average_precision(relevant):
+    hits, total = 0, 0.0
+    for position, is_relevant in enumerate(relevant, start=1):
+        if is_relevant:
+            hits += 1
+            total += hits / position
+    return total / hits
+
+
+def reference_pair(components, differ, known, top_k):
+    """X-mAP_e, X-mAP_c (None when undefined), top-k set, large-share set of one pair."""
+    attributes = [m for m in range(len(components)) if known[m]]
+    if not attributes:
+        return None, None, set(), set()
+    total = sum(float(components[m]) for m in attributes)
+    # Decreasing share; among equal shares the differing attribute first (the documented tie rule).
+    order = sorted(attributes, key=lambda m: (truncated(components[m]), bool(differ[m])), reverse=True)
+    num_differ = sum(bool(differ[m]) for m in attributes)
+    exclusive = average_precision([bool(differ[m]) for m in order]) if num_differ else None
+    if num_differ == 0:
+        small = [float(components[m]) * len(attributes) <= 2 * total for m in order]
+        common = average_precision(small)
+    elif num_differ < len(attributes):
+        common = average_precision([not differ[m] for m in reversed(order)])
+    else:
+        common = None
+    large = {m for m in attributes if float(components[m]) * len(attributes) > total}
+    return exclusive, common, set(order[:top_k]), large
+
+
+def reference_results(query, gallery, metric, top_k=3, pairs=None):
+    """Every metric, pair by pair with numpy, for pair lists given as (q, g) (default: all)."""
+    def distance(a, b):
+        if metric == "cosine":
+            return 1 - float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+        return float(np.linalg.norm(a - b))
+
+    q_emb, g_emb = query["decomposition"].embedding.numpy(), gallery["decomposition"].embedding.numpy()
+    q_att, g_att = (data["decomposition"].attribute_embeddings.numpy() for data in (query, gallery))
+    num_query, num_gallery = len(q_emb), len(g_emb)
+    target = np.array([[distance(q_emb[q], g_emb[g]) for g in range(num_gallery)] for q in range(num_query)])
+    components = np.array([[[distance(q_att[q, m], g_att[g, m]) for m in range(M)] for g in range(num_gallery)]
+                           for q in range(num_query)])
+    results = {}
+    for name, distances in (("target", target), ("interpreter", components.mean(-1))):
+        results.update(reference_retrieval(name, distances, query, gallery))
+    pair_list = pairs if pairs is not None else [(q, g) for q in range(num_query) for g in range(num_gallery)]
+    errors, exclusive, common = [], [], []
+    top, top_differ, differ_count, known_count, agree = (np.zeros(M) for _ in range(5))
+    for q, g in pair_list:
+        reconstructed = components[q, g].mean()
+        if target[q, g] > 1e-6:
+            errors.append(abs(target[q, g] - reconstructed) / target[q, g])
+        known = query["known"][q].numpy() & gallery["known"][g].numpy()
+        differ = (query["attributes"][q].numpy() != gallery["attributes"][g].numpy()) & known
+        ap_e, ap_c, top_set, large = reference_pair(components[q, g].astype(np.float32), differ, known, top_k)
+        if ap_e is not None:
+            exclusive.append(ap_e)
+        if ap_c is not None:
+            common.append(ap_c)
+        for m in range(M):
+            top[m] += m in top_set
+            top_differ[m] += m in top_set and differ[m]
+            differ_count[m] += differ[m]
+            known_count[m] += known[m]
+            agree[m] += known[m] and ((m in large) == bool(differ[m]))
+    results.update({"ADRE": 100 * np.mean(errors), "ADRE_errors": np.array(errors),
+                    "X-mAP_e": 100 * np.mean(exclusive), "X-mAP_e_pairs": len(exclusive),
+                    "X-mAP_c": 100 * np.mean(common), "X-mAP_c_pairs": len(common)})
+    results["per_attribute"] = {
+        NAMES[m]: {f"top{top_k}_precision": 100 * top_differ[m] / top[m] if top[m] else None,
+                   f"top{top_k}_recall": 100 * top_differ[m] / differ_count[m] if differ_count[m] else None,
+                   "agreement": 100 * agree[m] / known_count[m] if known_count[m] else None}
+        for m in range(M)}
+    return results
+
+
+def reference_retrieval(name, distances, query, gallery, ranks=(1, 5, 10)):
+    q_pids, g_pids = query["pids"].numpy(), gallery["pids"].numpy()
+    q_cams, g_cams = query["camids"].numpy(), gallery["camids"].numpy()
+    aps, firsts = [], []
+    for q in range(len(q_pids)):
+        kept = [g for g in np.argsort(distances[q], kind="stable")
+                if not (g_pids[g] == q_pids[q] and g_cams[g] == q_cams[q])]
+        positions = [i + 1 for i, g in enumerate(kept) if g_pids[g] == q_pids[q]]
+        if positions:
+            aps.append(np.mean([(j + 1) / p for j, p in enumerate(positions)]))
+            firsts.append(positions[0])
+    results = {f"{name}_mAP": 100 * np.mean(aps)}
+    for rank in ranks:
+        results[f"{name}_rank{rank}"] = 100 * np.mean([first <= rank for first in firsts])
+    return results
+
+
+# -- fixtures ------------------------------------------------------------------------------------------
+
+def make_split(generator, size, identity_attributes, num_ids=6):
+    pids = torch.randint(0, num_ids, (size,), generator=generator)
+    attribute_embeddings = torch.randn(size, M, D, generator=generator)
+    return {
+        "decomposition": Decomposition(attribute_embeddings.mean(1) * 1.5 + 0.1 * torch.randn(size, D, generator=generator),
+                                       attribute_embeddings),
+        "pids": pids,
+        "camids": torch.randint(0, 3, (size,), generator=generator),
+        "attributes": identity_attributes[pids],
+        "known": torch.rand(size, M, generator=generator) > 0.2,  # unknown labels, masked per pair
+    }
+
+
+@pytest.fixture(scope="module")
+def splits():
+    generator = torch.Generator().manual_seed(0)
+    # Only three attribute patterns among six identities: many pairs with N = 0.
+    patterns = (torch.rand(3, M, generator=generator) > 0.5).float()
+    identity_attributes = patterns[torch.tensor([0, 1, 2, 0, 1, 2])]
+    return make_split(generator, 9, identity_attributes), make_split(generator, 23, identity_attributes)
+
+
+def run(query, gallery, batch=4, **options):
+    options.setdefault("progress", False)
+    evaluator = ExplanationEvaluator(NAMES, **options)
+    for split, data in (("query", query), ("gallery", gallery)):
+        for start in range(0, len(data["pids"]), batch):
+            rows = slice(start, start + batch)
+            evaluator.process(data["decomposition"][rows], data["pids"][rows], data["camids"][rows],
+                              data["attributes"][rows], data["known"][rows], split=split)
+    return evaluator.evaluate()
+
+
+def assert_matches_reference(results, reference):
+    for key in ("target_rank1", "target_rank5", "target_mAP", "interpreter_rank1", "interpreter_rank5",
+                "interpreter_mAP", "ADRE", "X-mAP_e", "X-mAP_c"):
+        if key in reference:
+            assert results[key] == pytest.approx(reference[key], abs=1e-4), key
+    for key in ("X-mAP_e_pairs", "X-mAP_c_pairs"):
+        assert results[key] == reference[key], key
+    for name, values in reference["per_attribute"].items():
+        for metric, value in values.items():
+            assert results["per_attribute"][name][metric] == pytest.approx(value, abs=1e-6), (name, metric)
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_every_metric_matches_the_slow_reference_over_all_pairs(splits, metric):
+    query, gallery = splits
+    reference = reference_results(query, gallery, metric)
+    results = run(query, gallery, metric=metric)
+    assert_matches_reference(results, reference)
+    assert results["explained_pairs"] == 9 * 23
+    assert results["X-mAP_c_pairs"] > results["X-mAP_e_pairs"] - 9 * 23  # N = 0 pairs counted in X-mAP_c
+
+
+def test_the_fixture_has_pairs_with_nothing_differing(splits):
+    query, gallery = splits
+    same = (query["attributes"][:, None] == gallery["attributes"][None]).all(-1)
+    assert int(same.sum()) > 20
+
+
+def test_results_do_not_depend_on_the_tiling(splits):
+    query, gallery = splits
+    big = run(query, gallery, memory_budget_mb=64)
+    tiny = run(query, gallery, memory_budget_mb=0.002)  # tiles of a few pairs
+    for key, value in big.items():
+        if isinstance(value, float):
+            assert tiny[key] == pytest.approx(value, abs=1e-4), key  # float32 products per tile shape
+        else:
+            assert tiny[key] == value, key
+
+
+def test_topk_mode_explains_only_each_querys_nearest_gallery_images(splits):
+    query, gallery = splits
+    target = torch.cdist(query["decomposition"].embedding, gallery["decomposition"].embedding)
+    nearest = torch.topk(target, 4, dim=1, largest=False).indices
+    pairs = [(q, int(g)) for q in range(9) for g in nearest[q]]
+    reference = reference_results(query, gallery, "euclidean", pairs=pairs)
+    results = run(query, gallery, pairs="topk", topk=4)
+    assert results["explained_pairs"] == len(pairs)
+    assert results["interpreter_mAP"] is None  # needs every pair
+    assert results["target_mAP"] == pytest.approx(reference["target_mAP"], abs=1e-4)
+    for key in ("ADRE", "X-mAP_e", "X-mAP_c"):
+        assert results[key] == pytest.approx(reference[key], abs=1e-4), key
+
+
+def test_pair_subsample_is_deterministic_and_the_requested_size(splits):
+    query, gallery = splits
+    first = run(query, gallery, pair_fraction=0.5, seed=3)
+    again = run(query, gallery, pair_fraction=0.5, seed=3, memory_budget_mb=0.002)
+    assert first["explained_pairs"] == again["explained_pairs"]
+    assert first["X-mAP_e"] == pytest.approx(again["X-mAP_e"], abs=1e-9)
+    assert 0.3 * 207 < first["explained_pairs"] < 0.7 * 207
+    assert first["target_mAP"] == pytest.approx(run(query, gallery)["target_mAP"])  # retrieval: every pair
+
+
+def test_adre_percentiles_follow_the_error_distribution(splits):
+    query, gallery = splits
+    errors = reference_results(query, gallery, "euclidean")["ADRE_errors"]
+    results = run(query, gallery)
+    for percentile in (50, 90):
+        exact = 100 * np.percentile(errors, percentile, method="inverted_cdf")
+        assert results[f"ADRE_p{percentile}"] == pytest.approx(exact, rel=0.02)
+    assert results["ADRE_max"] == pytest.approx(100 * errors.max(), rel=1e-5)
+
+
+def test_ties_between_shares_rank_the_relevant_attribute_first():
+    components = torch.tensor([[2.0, 1.0, 1.0, 0.5]]).t()  # attributes 1 and 2 tie
+    known = torch.ones(4, 1, dtype=torch.bool)
+    differ = torch.tensor([[True, False, True, False]]).t()
+    stats = pair_explanation_stats(components, differ, known)
+    ref_e, ref_c, _, _ = reference_pair(components[:, 0].numpy(), differ[:, 0].numpy(), known[:, 0].numpy(), 3)
+    assert float(stats.exclusive_ap[0]) == pytest.approx(1.0) == pytest.approx(ref_e)
+    assert float(stats.common_ap[0]) == pytest.approx(ref_c)
+
+
+def test_nothing_differs_uses_the_two_over_m_rule():
+    # Shares 0.6, 0.2, 0.1, 0.1 with M = 4: only 0.6 exceeds 2/M, and it ranks first (descending).
+    components = torch.tensor([[6.0, 2.0, 1.0, 1.0]]).t()
+    stats = pair_explanation_stats(components, torch.zeros(4, 1, dtype=torch.bool), torch.ones(4, 1, dtype=torch.bool))
+    assert not bool(stats.has_exclusive[0]) and bool(stats.has_common[0])
+    assert float(stats.common_ap[0]) == pytest.approx((1 / 2 + 2 / 3 + 3 / 4) / 3)
+
+
+def test_unknown_attributes_are_left_out_of_the_pair():
+    components = torch.tensor([[9.0, 1.0, 3.0, 2.0]]).t()
+    differ = torch.tensor([[True, False, True, False]]).t()
+    known = torch.tensor([[False, True, True, True]]).t()  # the big differing attribute is unknown
+    stats = pair_explanation_stats(components, differ, known, top_k=1)
+    assert float(stats.exclusive_ap[0]) == pytest.approx(1.0)  # 3.0 is the largest known share
+    assert stats.top_k.tolist() == [0, 0, 1, 0] and stats.known.tolist() == [0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 17, 26, 33])
+def test_sorting_network_sorts_like_torch_sort(size):
+    keys = torch.randint(-2, 50, (size, 300), dtype=torch.int32)
+    expected = torch.sort(keys, dim=0, descending=True).values
+    assert torch.equal(sort_rows_descending(keys), expected)
+    assert all(first < second < size for first, second in descending_sorting_network(size))
+
+
+def test_without_attribute_labels_the_attribute_metrics_are_unavailable(splits):
+    query, gallery = splits
+    evaluator = ExplanationEvaluator(NAMES, progress=False)
+    for split, data in (("query", query), ("gallery", gallery)):
+        evaluator.process(data["decomposition"], data["pids"], data["camids"], split=split)
+    results = evaluator.evaluate()
+    assert results["attributes_available"] is False and results["X-mAP_e"] is None
+    assert results["target_mAP"] is not None and results["ADRE"] is not None
+    json.dumps(results)
+
+
+def test_results_are_json_safe_and_print_as_a_table(splits):
+    results = run(*splits)
+    assert json.loads(json.dumps(results))["X-mAP_e"] == pytest.approx(results["X-mAP_e"])
+    table = format_table(results)
+    assert "X-mAP_c" in table and NAMES[0] in table and "top3_precision" in table
+
+
+def test_ranks_beyond_the_gallery_are_reported_as_none(splits):
+    query, gallery = splits
+    small_gallery = {key: value[:4] for key, value in gallery.items()}
+    results = run(query, small_gallery, ranks=(1, 10))
+    assert results["target_rank10"] is None or results["target_valid_queries"] == 0
+
+
+def test_bad_input_gives_clear_errors(splits):
+    query, _ = splits
+    evaluator = ExplanationEvaluator(NAMES[:3], progress=False)
+    with pytest.raises(ValueError, match="3 attribute names"):
+        evaluator.process(query["decomposition"], query["pids"], query["camids"], split="query")
+    evaluator = ExplanationEvaluator(NAMES, progress=False)
+    evaluator.process(query["decomposition"], query["pids"], query["camids"], split="query")
+    with pytest.raises(ValueError, match="no gallery images"):
+        evaluator.evaluate()
+    broken = Decomposition(query["decomposition"].embedding.clone(), query["decomposition"].attribute_embeddings)
+    broken.embedding[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        evaluator.process(broken, query["pids"], query["camids"], split="gallery")
+    with pytest.raises(ValueError, match="pairs must be"):
+        ExplanationEvaluator(NAMES, pairs="some")
+
+
+class TinyInterpreter(torch.nn.Module):
+    """Stands in for an AttriMeter: a linear map per attribute on flattened images."""
+
+    def __init__(self):
+        super().__init__()
+        self.attribute_heads = torch.nn.Linear(3 * 8 * 4, M * D)
+
+    def decompose(self, images):
+        attribute_embeddings = self.attribute_heads(images.flatten(1)).view(len(images), M, D)
+        maps = torch.ones(len(images), M, 2, 1)
+        return Decomposition(attribute_embeddings.mean(1), attribute_embeddings, maps, torch.randn(len(images), M))
+
+
+def test_extract_decompositions_drops_the_maps_and_keeps_the_labels():
+    generator = torch.Generator().manual_seed(1)
+    loader = [{"img": torch.randn(4, 3, 8, 4, generator=generator), "pid": torch.arange(4) + 4 * batch,
+               "camid": torch.zeros(4, dtype=torch.long), "attributes": torch.ones(4, M),
+               "attributes_known": torch.ones(4, M, dtype=torch.bool)} for batch in range(3)]
+    model = TinyInterpreter().train()
+    decomposition, pids, _, attributes, known = extract_decompositions(model, loader, progress=False)
+    assert decomposition.maps is None and decomposition.embedding.shape == (12, D)
+    assert pids.tolist() == list(range(12)) and attributes.shape == (12, M) and known.all()
+    assert model.training  # restored
+    for batch in loader:
+        del batch["attributes"], batch["attributes_known"]
+    assert extract_decompositions(model, loader, progress=False)[3] is None
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_small():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "benchmark_evaluator.py"
+    spec = importlib.util.spec_from_file_location("benchmark_evaluator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--quick", "--num-query", "60", "--num-gallery", "200", "--num-identities", "20"])
+    assert report["evaluate_rank_max_cmc_difference"] == 0.0
+    assert report["evaluate_rank_mAP_difference"] < 1e-9
+    assert report["explanation_evaluation_s"] > 0 and report["results"]["X-mAP_e"] is not None

@@ -1,0 +1,526 @@
+"""The explanation-aware evaluator (detectron2 style: ``reset`` / ``process`` / ``evaluate``): target
+and interpreter retrieval, ADRE, X-mAP_e / X-mAP_c and per-attribute statistics (method page §6), plus
+the extraction loop that feeds it from a model and torchreid loaders.
+
+``process`` only stores embeddings (the maps are dropped). ``evaluate`` walks tiles of queries x gallery
+whose size follows ``memory_budget_mb``; each tile is one ``pairwise_components`` call, whose per-pair
+metrics are accumulated, and each query chunk is ranked against the whole gallery once its row of tiles
+is done. Nothing of size Q x G x M is ever held.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from torchreid_attrimeter.decomposition import (
+    Decomposition,
+    check_metric,
+    pairwise_components,
+    pairwise_distance,
+)
+from torchreid_attrimeter.evaluation.explanation_metrics import RelativeErrorHistogram, pair_explanation_stats
+from torchreid_attrimeter.evaluation.ranking import GalleryIdentities, query_rank_stats
+
+logger = logging.getLogger(__name__)
+
+PAIR_MODES = ("all", "topk")
+SPLITS = ("query", "gallery")
+# Pairs whose target distance is below this are skipped by ADRE (a relative error of ~0/0).
+ADRE_MIN_DISTANCE = 1e-6
+# Bytes per pair and attribute held at once inside a tile: the components, the products' buffer,
+# the sort keys and their sorted copy, the label masks.
+_BYTES_PER_PAIR_ATTRIBUTE = 4 * 4 + 2
+# Pairs ranked by one sorting-network pass; rows of this length stay in the CPU caches.
+_RANKING_BLOCK = 16384
+_TRIM_EVERY_BATCHES = 16
+_HASH_PRIME = 2_147_483_647  # 2^31 - 1: (index * multiplier) mod prime stays inside int64
+
+
+class ExplanationEvaluator:
+    """Streaming evaluator of a target model and its AttriMeter interpreter.
+
+    Args:
+        attribute_names: the M attribute names, in the order of the decompositions' attribute axis.
+        metric: 'euclidean' (plain) or 'cosine' (1 - cos), as the target is tested.
+        ranks: CMC ranks reported.
+        pairs: 'all' (every query x gallery pair, the paper's protocol) or 'topk' (each query's ``topk``
+            nearest gallery images by target distance, what a user looks at; interpreter retrieval
+            metrics then need every pair and are reported as None).
+        topk: gallery images per query in 'topk' mode.
+        pair_fraction: if set, the explanation metrics use a deterministic subsample (by ``seed``) of
+            this fraction of the pairs; retrieval metrics still rank the whole gallery.
+        top_attributes: k of the per-attribute top-k precision.
+        memory_budget_mb: working memory of one tile of pairs (the stored embeddings come on top).
+        device: where tiles are computed (default: where the embeddings are).
+        progress: show a tqdm bar.
+    """
+
+    def __init__(
+        self,
+        attribute_names: Sequence[str],
+        metric: str = "euclidean",
+        ranks: Sequence[int] = (1, 5, 10),
+        pairs: str = "all",
+        topk: int = 10,
+        pair_fraction: float | None = None,
+        top_attributes: int = 3,
+        memory_budget_mb: float = 512.0,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        self.attribute_names = tuple(attribute_names)
+        self.metric = check_metric(metric)
+        self.ranks = tuple(int(rank) for rank in ranks)
+        if not self.ranks or min(self.ranks) < 1:
+            raise ValueError(f"ranks must be positive integers, got {tuple(ranks)}")
+        if pairs not in PAIR_MODES:
+            raise ValueError(f"pairs must be one of {PAIR_MODES}, got '{pairs}'")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        if pair_fraction is not None and not 0.0 < pair_fraction <= 1.0:
+            raise ValueError(f"pair_fraction must be in (0, 1], got {pair_fraction}")
+        if memory_budget_mb <= 0:
+            raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
+        self.pairs, self.topk, self.pair_fraction = pairs, int(topk), pair_fraction
+        self.top_attributes = int(top_attributes)
+        self.memory_budget_mb = float(memory_budget_mb)
+        self.device = None if device is None else torch.device(device)
+        self.seed = int(seed)
+        self.progress = progress
+        self.reset()
+
+    # -- streaming interface -------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self._parts: dict[str, dict[str, list]] = {
+            split: {"embedding": [], "attribute_embeddings": [], "pids": [], "camids": [], "attributes": [],
+                    "known": []}
+            for split in SPLITS
+        }
+        self._has_attributes: dict[str, bool | None] = {split: None for split in SPLITS}
+        num_attributes = len(self.attribute_names)
+        self._recognition_correct = torch.zeros(num_attributes, dtype=torch.float64)
+        self._recognition_known = torch.zeros(num_attributes, dtype=torch.float64)
+
+    def process(
+        self,
+        decomposition: Decomposition,
+        pids: Any,
+        camids: Any,
+        attributes: Any | None = None,
+        attributes_known: Any | None = None,
+        split: str = "query",
+    ) -> None:
+        """Store a batch of B images of ``split``: embeddings (B, D), attribute embeddings (B, M, D),
+        pids/camids (B,), attributes (B, M) in {0, 1} or None, attributes_known (B, M) bool or None
+        (all known)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+        batch = len(decomposition)
+        num_attributes = decomposition.num_attributes
+        if num_attributes != len(self.attribute_names):
+            raise ValueError(f"the decomposition has {num_attributes} attribute components but the evaluator "
+                             f"was built with {len(self.attribute_names)} attribute names; pass the schema the "
+                             "model was trained with")
+        pids = _as_long(pids, "pids", batch)
+        camids = _as_long(camids, "camids", batch)
+        parts = self._parts[split]
+        has_attributes = attributes is not None
+        if self._has_attributes[split] not in (None, has_attributes):
+            raise ValueError(f"some {split} batches carry attribute labels and some do not; give all or none")
+        self._has_attributes[split] = has_attributes
+        if has_attributes:
+            attributes = torch.as_tensor(np.asarray(attributes) if not isinstance(attributes, torch.Tensor)
+                                         else attributes).detach().cpu()
+            if tuple(attributes.shape) != (batch, num_attributes):
+                raise ValueError(f"attributes must have shape ({batch}, {num_attributes}), got "
+                                 f"{tuple(attributes.shape)}")
+            if attributes_known is None:
+                known = torch.ones(batch, num_attributes, dtype=torch.bool)
+            else:
+                known = torch.as_tensor(np.asarray(attributes_known) if not isinstance(attributes_known,
+                                        torch.Tensor) else attributes_known).detach().cpu().bool()
+                if tuple(known.shape) != (batch, num_attributes):
+                    raise ValueError(f"attributes_known must have shape ({batch}, {num_attributes}), got "
+                                     f"{tuple(known.shape)}")
+            labels = attributes > 0.5
+            parts["attributes"].append(labels)
+            parts["known"].append(known)
+            if decomposition.attribute_logits is not None:
+                predicted = decomposition.attribute_logits.detach().cpu() > 0
+                self._recognition_correct += ((predicted == labels) & known).sum(0).double()
+                self._recognition_known += known.sum(0).double()
+        embedding = decomposition.embedding.detach()
+        attribute_embeddings = decomposition.attribute_embeddings.detach()
+        for name, values in (("embedding", embedding), ("attribute embeddings", attribute_embeddings)):
+            if not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
+                raise ValueError(f"the {split} {name} contain NaN/inf (batch of {batch}); the model diverged or "
+                                 "overflowed in half precision: try amp=False")
+        parts["embedding"].append(embedding.float())
+        # Stored attribute-major (M, B, D) so that the evaluation's batched products read contiguous rows.
+        parts["attribute_embeddings"].append(attribute_embeddings.float().transpose(0, 1).contiguous())
+        parts["pids"].append(pids)
+        parts["camids"].append(camids)
+        if len(parts["pids"]) % _TRIM_EVERY_BATCHES == 0:
+            _release_freed_memory()  # the caller's freed batches would otherwise stay resident
+
+    def evaluate(self) -> dict[str, Any]:
+        """Every metric as a flat JSON-safe dict (percentages), with 'per_attribute' a dict of dicts."""
+        query, gallery = (self._collect(split) for split in SPLITS)
+        for split, data in (("query", query), ("gallery", gallery)):
+            if data is None:
+                raise ValueError(f"no {split} images were processed: call process(..., split='{split}') "
+                                 "before evaluate()")
+        device = self.device or query["embedding"].device
+        with_attributes = bool(self._has_attributes["query"] and self._has_attributes["gallery"])
+        return _Run(self, query, gallery, device, with_attributes).results()
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _collect(self, split: str) -> dict[str, Any] | None:
+        parts = self._parts[split]
+        if not parts["pids"]:
+            return None
+        data = {
+            "embedding": torch.cat(parts["embedding"]),
+            "attribute_embeddings": _concatenate_releasing(parts["attribute_embeddings"]),  # (M, N, D)
+            "pids": torch.cat(parts["pids"]),
+            "camids": torch.cat(parts["camids"]),
+        }
+        # The concatenation replaces the parts, so that a second evaluate() reuses it.
+        parts["embedding"][:] = [data["embedding"]]
+        parts["attribute_embeddings"][:] = [data["attribute_embeddings"]]
+        if self._has_attributes[split]:
+            data["attributes"] = torch.cat(parts["attributes"])
+            data["known"] = torch.cat(parts["known"])
+        return data
+
+
+def _concatenate_releasing(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts, dim=1) for (M, B_i, D) parts, freeing each part once copied (the list is
+    emptied), so the stored embeddings are never held twice."""
+    if len(parts) == 1:
+        return parts.pop()
+    first = parts[0]
+    total = sum(part.shape[1] for part in parts)
+    joined = torch.empty(first.shape[0], total, *first.shape[2:], dtype=first.dtype, device=first.device)
+    offset = 0
+    parts.reverse()  # pop from the end, in the original order
+    while parts:
+        part = parts.pop()
+        joined[:, offset:offset + part.shape[1]] = part
+        offset += part.shape[1]
+        del part
+        if len(parts) % _TRIM_EVERY_BATCHES == 0:
+            _release_freed_memory()
+    return joined
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed batch buffers back to the OS. Batches of a few MB live in glibc's heap, which
+    keeps freed memory resident; the tiles that follow are separate large mappings that cannot reuse
+    it, so without a trim the stored embeddings would count twice in the peak resident memory."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
+        pass
+
+
+def _as_long(values: Any, name: str, batch: int) -> torch.Tensor:
+    tensor = values.detach().cpu() if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    tensor = tensor.reshape(-1).long()
+    if tensor.numel() != batch:
+        raise ValueError(f"{name} has {tensor.numel()} entries for a batch of {batch} images")
+    return tensor
+
+
+def _decomposition(data: dict[str, Any], rows: slice, device: torch.device) -> Decomposition:
+    # attribute_embeddings are stored (M, N, D); the Decomposition view is (n, M, D), whose transpose
+    # back inside pairwise_components is the contiguous slice again.
+    return Decomposition(data["embedding"][rows].to(device),
+                         data["attribute_embeddings"][:, rows].to(device).transpose(0, 1))
+
+
+class _Run:
+    """One evaluation pass over the stored query and gallery embeddings."""
+
+    def __init__(self, evaluator: ExplanationEvaluator, query: dict, gallery: dict, device: torch.device,
+                 with_attributes: bool):
+        self.options = evaluator
+        self.query, self.gallery, self.device = query, gallery, device
+        self.with_attributes = with_attributes
+        self.num_query, self.num_gallery = len(query["pids"]), len(gallery["pids"])
+        self.num_attributes = query["attribute_embeddings"].shape[0]
+        self.gallery_identities = GalleryIdentities(gallery["pids"].to(device), gallery["camids"].to(device))
+        self.max_rank = min(max(evaluator.ranks), self.num_gallery)
+        if max(evaluator.ranks) > self.num_gallery:
+            logger.warning("the gallery has %d images: ranks above %d are reported as None",
+                           self.num_gallery, self.num_gallery)
+        self.retrieval = {name: _RetrievalAccumulator(self.max_rank, device) for name in ("target", "interpreter")}
+        self.relative_error = RelativeErrorHistogram()
+        self.adre_skipped = 0
+        self.exclusive_sum = self.common_sum = 0.0
+        self.exclusive_pairs = self.common_pairs = self.explained_pairs = 0
+        zeros = torch.zeros(self.num_attributes, dtype=torch.float64)
+        self.attribute_counts = {name: zeros.clone() for name in ("top_k", "top_k_differ", "differ", "known",
+                                                                  "agree")}
+        self.multiplier = int(torch.randint(1, _HASH_PRIME - 1, (1,),
+                                            generator=torch.Generator().manual_seed(evaluator.seed)))
+
+    # -- tiling --------------------------------------------------------------------------------------
+
+    def tile_shape(self, columns: int) -> tuple[int, int]:
+        pairs = self.options.memory_budget_mb * 2 ** 20 / (_BYTES_PER_PAIR_ATTRIBUTE * max(self.num_attributes, 1))
+        pairs = max(int(pairs), 1)
+        rows = max(1, min(self.num_query, math.isqrt(pairs)))
+        return rows, max(1, min(columns, pairs // rows))
+
+    def results(self) -> dict[str, Any]:
+        query_chunk, _ = self.tile_shape(self.num_gallery)
+        starts = range(0, self.num_query, query_chunk)
+        bar = tqdm(total=self.num_query, desc="evaluating", unit="query", disable=not self.options.progress)
+        for start in starts:
+            rows = slice(start, min(start + query_chunk, self.num_query))
+            self.process_query_chunk(rows)
+            bar.update(rows.stop - rows.start)
+        bar.close()
+        return self.summary()
+
+    def process_query_chunk(self, rows: slice) -> None:
+        query = _decomposition(self.query, rows, self.device)
+        q_pids = self.query["pids"][rows].to(self.device)
+        q_camids = self.query["camids"][rows].to(self.device)
+        target = pairwise_distance(query.embedding, self.gallery["embedding"].to(self.device), self.options.metric)
+        _check_finite(target, "target distances")
+        self.retrieval["target"].add(query_rank_stats(target, q_pids, q_camids, self.gallery_identities))
+
+        if self.options.pairs == "all":
+            columns = torch.arange(self.num_gallery, device=self.device)
+            selected = None
+            reconstructed = torch.empty_like(target)
+        else:
+            nearest = torch.topk(target, min(self.options.topk, self.num_gallery), dim=1, largest=False).indices
+            columns = torch.unique(nearest)
+            # selected[q, j]: gallery image columns[j] is among query q's top-k.
+            selected = torch.zeros(len(query), len(columns), dtype=torch.bool, device=self.device)
+            selected.scatter_(1, torch.searchsorted(columns, nearest), True)
+            reconstructed = None
+
+        _, tile_columns = self.tile_shape(len(columns))
+        for first in range(0, len(columns), tile_columns):
+            tile = columns[first:first + tile_columns]
+            contiguous = self.options.pairs == "all"
+            gallery_rows = slice(int(tile[0]), int(tile[-1]) + 1) if contiguous else tile.cpu()
+            gallery = _decomposition(self.gallery, gallery_rows, self.device) if contiguous else Decomposition(
+                self.gallery["embedding"][gallery_rows].to(self.device),
+                self.gallery["attribute_embeddings"][:, gallery_rows].to(self.device).transpose(0, 1))
+            distances = pairwise_components(query, gallery, self.options.metric)
+            components = distances.attribute_components.permute(2, 0, 1)  # (M, q, g), contiguous
+            tile_target = target[:, tile]
+            mean_components = components.mean(0)
+            _check_finite(mean_components, "attribute components")
+            if reconstructed is not None:
+                reconstructed[:, first:first + len(tile)] = mean_components
+            pair_mask = selected[:, first:first + len(tile)] if selected is not None else None
+            pair_mask = self.subsample(rows, tile, pair_mask)
+            self.add_pairs(components, tile_target, mean_components, pair_mask, rows, tile)
+            del distances, components
+        if reconstructed is not None:
+            self.retrieval["interpreter"].add(query_rank_stats(reconstructed, q_pids, q_camids,
+                                                               self.gallery_identities))
+        _release_freed_memory()
+
+    def subsample(self, rows: slice, tile: torch.Tensor, pair_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if self.options.pair_fraction is None or self.options.pair_fraction >= 1.0:
+            return pair_mask
+        # A fixed hash of the pair's global index: the same pairs whatever the tiling.
+        query_index = torch.arange(rows.start, rows.stop, device=self.device)
+        pair_index = query_index[:, None] * self.num_gallery + tile[None, :]
+        hashed = (pair_index % _HASH_PRIME) * self.multiplier % _HASH_PRIME
+        keep = hashed < int(self.options.pair_fraction * _HASH_PRIME)
+        return keep if pair_mask is None else pair_mask & keep
+
+    # -- per-pair metrics ----------------------------------------------------------------------------
+
+    def add_pairs(self, components: torch.Tensor, target: torch.Tensor, reconstructed: torch.Tensor,
+                  pair_mask: torch.Tensor | None, rows: slice, tile: torch.Tensor) -> None:
+        """components (M, q, g), target/reconstructed (q, g), pair_mask (q, g) bool or None (all)."""
+        num_attributes = components.shape[0]
+        flat_components = components.reshape(num_attributes, -1)
+        flat_target, flat_reconstructed = target.reshape(-1), reconstructed.reshape(-1)
+        chosen = None if pair_mask is None else pair_mask.reshape(-1).nonzero()[:, 0]
+        if chosen is not None:
+            flat_components = flat_components[:, chosen]
+            flat_target, flat_reconstructed = flat_target[chosen], flat_reconstructed[chosen]
+        measurable = flat_target > ADRE_MIN_DISTANCE
+        self.adre_skipped += int((~measurable).sum())
+        error = (flat_target - flat_reconstructed).abs() / flat_target.clamp_min(ADRE_MIN_DISTANCE)
+        self.relative_error.add(error[measurable])
+        self.explained_pairs += flat_target.numel()
+        if not self.with_attributes:
+            return
+
+        def pair_labels(name: str, combine) -> torch.Tensor:
+            # (M, pairs) from the query's (q, M) and the gallery's (g, M) labels, flattened like the pairs.
+            query_labels = self.query[name][rows].to(self.device).t()[:, :, None]
+            gallery_labels = self.gallery[name][tile.cpu()].to(self.device).t()[:, None, :]
+            labels = combine(query_labels, gallery_labels).reshape(num_attributes, -1)
+            return labels if chosen is None else labels[:, chosen]
+
+        differ = pair_labels("attributes", torch.ne)
+        known = pair_labels("known", torch.logical_and)
+        num_pairs = flat_target.numel()
+        blocks = [slice(start, min(start + _RANKING_BLOCK, num_pairs)) for start in range(0, num_pairs, _RANKING_BLOCK)]
+
+        def explain(block: slice):
+            return pair_explanation_stats(flat_components[:, block], differ[:, block], known[:, block],
+                                          self.options.top_attributes)
+
+        for stats in self.parallel_map(explain, blocks):
+            self.exclusive_sum += float(stats.exclusive_ap.sum())
+            self.exclusive_pairs += int(stats.has_exclusive.sum())
+            self.common_sum += float(stats.common_ap.sum())
+            self.common_pairs += int(stats.has_common.sum())
+            for name in self.attribute_counts:
+                self.attribute_counts[name] += getattr(stats, name).double().cpu()
+
+    def parallel_map(self, function, items: list) -> list:
+        """Run ``function`` over items on one Python thread per CPU thread, each op single-threaded.
+
+        The block computations are many small elementwise ops: splitting each across threads costs more
+        in synchronisation than it gains (badly so on a loaded machine), while whole blocks per thread
+        keep every core busy (torch releases the GIL inside its kernels).
+        """
+        workers = torch.get_num_threads()
+        if self.device.type != "cpu" or workers <= 1 or len(items) <= 1:
+            return [function(item) for item in items]
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                return list(pool.map(function, items))
+        finally:
+            torch.set_num_threads(workers)
+
+    # -- results -------------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        options = self.options
+        results: dict[str, Any] = {
+            "metric": options.metric, "pairs": options.pairs, "num_query": self.num_query,
+            "num_gallery": self.num_gallery, "num_attributes": self.num_attributes,
+            "explained_pairs": self.explained_pairs,
+        }
+        if options.pairs == "topk":
+            results["topk"] = options.topk
+        if options.pair_fraction is not None:
+            results["pair_fraction"] = options.pair_fraction
+        for name, accumulator in self.retrieval.items():
+            results.update(accumulator.summary(name, options.ranks))
+        histogram = self.relative_error
+        results["ADRE"] = _percent(histogram.mean)
+        for percentile in (50, 90, 99):
+            results[f"ADRE_p{percentile}"] = _percent(histogram.percentile(percentile / 100))
+        results["ADRE_max"] = _percent(histogram.maximum if histogram.count else float("nan"))
+        results["ADRE_pairs"] = histogram.count
+        results["ADRE_skipped_pairs"] = self.adre_skipped
+        results["attributes_available"] = self.with_attributes
+        if not self.with_attributes:
+            for name in ("X-mAP_e", "X-mAP_c"):
+                results[name] = None
+            results["per_attribute"] = {}
+            return results
+        results["X-mAP_e"] = _percent(self.exclusive_sum / self.exclusive_pairs if self.exclusive_pairs else math.nan)
+        results["X-mAP_e_pairs"] = self.exclusive_pairs
+        results["X-mAP_c"] = _percent(self.common_sum / self.common_pairs if self.common_pairs else math.nan)
+        results["X-mAP_c_pairs"] = self.common_pairs
+        counts = self.attribute_counts
+        recognition = self.options._recognition_known
+        k = options.top_attributes
+        per_attribute = {}
+        for index, name in enumerate(options.attribute_names):
+            per_attribute[name] = {
+                f"top{k}_precision": _ratio(counts["top_k_differ"][index], counts["top_k"][index]),
+                f"top{k}_recall": _ratio(counts["top_k_differ"][index], counts["differ"][index]),
+                "agreement": _ratio(counts["agree"][index], counts["known"][index]),
+                "differ_rate": _ratio(counts["differ"][index], counts["known"][index]),
+                "recognition_accuracy": _ratio(self.options._recognition_correct[index], recognition[index]),
+            }
+        results["per_attribute"] = per_attribute
+        return results
+
+
+class _RetrievalAccumulator:
+    def __init__(self, max_rank: int, device: torch.device):
+        self.ranks = torch.arange(max_rank, device=device)
+        self.cmc = torch.zeros(max_rank, dtype=torch.float64, device=device)
+        self.ap = self.inp = 0.0
+        self.valid = self.skipped = 0
+
+    def add(self, stats) -> None:
+        valid = stats.valid
+        self.cmc += (stats.first_match[valid][:, None] <= self.ranks[None, :]).sum(0).double()
+        self.ap += float(stats.average_precision[valid].sum())
+        self.inp += float(stats.inverse_negative_penalty[valid].sum())
+        self.valid += int(valid.sum())
+        self.skipped += int((~valid).sum())
+
+    def summary(self, name: str, ranks: Sequence[int]) -> dict[str, Any]:
+        results: dict[str, Any] = {f"{name}_valid_queries": self.valid, f"{name}_skipped_queries": self.skipped}
+        if self.valid == 0:
+            for rank in ranks:
+                results[f"{name}_rank{rank}"] = None
+            results[f"{name}_mAP"] = results[f"{name}_mINP"] = None
+            if self.skipped:
+                logger.warning("no query of %d has a valid match in the gallery: %s retrieval metrics are None",
+                               self.skipped, name)
+            return results
+        cmc = (self.cmc / self.valid).cpu()
+        for rank in ranks:
+            results[f"{name}_rank{rank}"] = _percent(float(cmc[rank - 1])) if rank <= len(cmc) else None
+        results[f"{name}_mAP"] = _percent(self.ap / self.valid)
+        results[f"{name}_mINP"] = _percent(self.inp / self.valid)
+        return results
+
+
+def _check_finite(values: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} contain NaN/inf: check the model's embeddings (e.g. evaluate with amp=False)")
+
+
+def _percent(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else 100.0 * float(value)
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float | None:
+    return _percent(float(numerator) / float(denominator)) if float(denominator) > 0 else None
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table of an ``evaluate()`` result: the summary metrics, then one row per attribute."""
+    lines = ["metric                      value"]
+    lines.append("-" * 34)
+    for key, value in results.items():
+        if key == "per_attribute":
+            continue
+        text = "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<27} {text}")
+    per_attribute = results.get("per_attribute") or {}
+    if per_attribute:
+        columns = list(next(iter(per_attribute.values())))
+        lines.append("")
+        lines.append(f"{'attribute':<20}" + "".join(f"{column:>22}" for column in columns))
+        for name, values in per_attribute.items():
+            cells = "".join(f"{'n/a' if values[c] is None else f'{values[c]:.2f}':>22}" for c in columns)
+            lines.append(f"{name:<20}{cells}")
+    return "\n".join(lines)
