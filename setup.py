@@ -34,5 +34,5 @@ setup(
     # Lower bounds only: an upper bound or an exact pin would make pip replace an installed
     # (multi-GB) torch build.
     install_requires=["torch>=1.13", "torchvision>=0.14", "torchreid>=0.2.5", *TORCHREID_RUNTIME],
-    extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff", "playwright"]},
 )

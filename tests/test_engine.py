@@ -1,0 +1,272 @@
+"""AttriMeterEngine: training steps on PK batches, the frozen target, checkpoints of the interpreter
+alone (save without a scheduler, never overwrite, resume with target checks), warm-up, evaluation,
+and the errors build_engine gives for unusable inputs. Tiny synthetic data, CPU, pretrained=False."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from torchreid_attrimeter import compat
+from torchreid_attrimeter.config import ConfigError, get_default_config
+from torchreid_attrimeter.data.synthetic import generate_synthetic_dataset
+from torchreid_attrimeter.engine import (
+    AttriMeterEngine,
+    ResumeError,
+    batch_adre,
+    build_engine,
+    latest_checkpoint,
+    list_checkpoints,
+)
+
+TINY_DATASET = {
+    "num_train_identities": 8, "num_test_identities": 6, "num_cameras": 2, "min_images_per_identity": 4,
+    "max_images_per_identity": 4, "num_distractor_images": 0, "num_junk_images": 0, "image_height": 64,
+    "image_width": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_synthetic_dataset(str(root), seed=3, **TINY_DATASET)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def target_files(tmp_path_factory):
+    """Weights files of two untrained targets of different families (what matters here is the
+    plumbing, not what they learned)."""
+    folder = tmp_path_factory.mktemp("targets")
+    files = {}
+    for name in ("osnet_x0_25", "resnet18"):
+        torch.manual_seed(0)
+        model = compat.build_model(name, num_classes=8, loss="softmax", pretrained=False, use_gpu=False)
+        files[name] = str(folder / f"{name}.pth")
+        torch.save(model.state_dict(), files[name])
+    return files
+
+
+def tiny_config(data_root, weights, save_dir, name="resnet18", **overrides):
+    cfg = get_default_config()
+    cfg.use_gpu = False
+    cfg.model.name = name
+    cfg.model.pretrained = False
+    cfg.model.load_weights = weights
+    cfg.data.root = data_root
+    cfg.data.sources = ["synthetic_attr"]
+    cfg.data.targets = ["synthetic_attr"]
+    cfg.data.height, cfg.data.width = 64, 32
+    cfg.data.workers = 0
+    cfg.data.save_dir = str(save_dir)
+    cfg.sampler.train_sampler = "RandomIdentitySampler"
+    cfg.sampler.num_instances = 2
+    cfg.train.batch_size = 8
+    cfg.train.max_epoch = 1
+    cfg.train.print_freq = 1
+    cfg.train.lr = 1e-3
+    cfg.test.batch_size = 16
+    cfg.test.ranks = [1, 5]
+    cfg.attrimeter.hidden_channels = 16
+    cfg.attrimeter.eval.amp = False
+    cfg.merge_from_list([item for pair in overrides.items() for item in pair])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def engine(data_root, target_files, tmp_path_factory):
+    """One engine shared by the tests that only read its state or write into their own folders."""
+    save_dir = tmp_path_factory.mktemp("log")
+    return build_engine(tiny_config(data_root, target_files["resnet18"], save_dir, name="resnet18"))
+
+
+def _first_batch(engine):
+    return next(iter(engine.train_loader))
+
+
+def _target_state(engine):
+    return {key: value.clone() for key, value in engine.model.target.state_dict().items()}
+
+
+def test_forward_backward_returns_each_loss_term_and_the_adre_as_floats(engine):
+    engine.set_model_mode("train")
+    summary = engine.forward_backward(_first_batch(engine))
+    assert set(summary) == {"loss", "loss_dd", "loss_ap", "ADRE"}
+    assert all(isinstance(value, float) for value in summary.values())
+    assert summary["loss"] == pytest.approx(summary["loss_dd"] + 10.0 * summary["loss_ap"], rel=1e-5)
+    assert summary["ADRE"] >= 0.0
+
+
+def test_training_changes_the_interpreter_and_never_the_target(engine):
+    target_before = _target_state(engine)
+    interpreter_before = {key: value.clone() for key, value in engine.model.interpreter_state_dict().items()}
+    # torchreid's train() runs its transfer-learning hook (open_all_layers) before the batches.
+    engine.epoch, engine.max_epoch = 0, 1
+    engine.train(print_freq=100, fixbase_epoch=0, open_layers=None)
+    assert not any(parameter.requires_grad for parameter in engine.model.target.parameters())
+    for key, value in engine.model.target.state_dict().items():
+        assert torch.equal(value, target_before[key]), key
+    changed = [key for key, value in engine.model.interpreter_state_dict().items()
+               if not torch.equal(value, interpreter_before[key])]
+    assert changed
+
+
+def test_optimizer_holds_only_interpreter_parameters(engine):
+    optimised = {id(parameter) for group in engine.optimizer.param_groups for parameter in group["params"]}
+    assert optimised == {id(parameter) for parameter in engine.model.interpreter_parameters()}
+
+
+def test_attribute_branch_adds_its_weighted_loss(data_root, target_files, tmp_path):
+    cfg = tiny_config(data_root, target_files["resnet18"], tmp_path / "log",
+                      **{"attrimeter.attribute_branch": True})
+    engine = build_engine(cfg)
+    engine.set_model_mode("train")
+    summary = engine.forward_backward(_first_batch(engine))
+    expected = summary["loss_dd"] + 10.0 * summary["loss_ap"] + 100.0 * summary["loss_attr"]
+    assert summary["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_batches_without_attributes_are_an_error_naming_the_fix(engine):
+    batch = {key: value for key, value in _first_batch(engine).items()
+             if key not in ("attributes", "attributes_known")}
+    engine.set_model_mode("train")
+    with pytest.raises(ConfigError, match="synthetic_attr"):
+        engine.forward_backward(batch)
+
+
+def test_checkpoint_holds_the_interpreter_only_and_loads_safely(engine, tmp_path):
+    path = engine.save_model(0, 0.5, str(tmp_path / "run"))
+    checkpoint = compat.load_checkpoint(path)  # weights_only: no numpy scalars, no code
+    assert os.path.basename(path) == "model.pth.tar-1"
+    assert not any(key.startswith("target.") for key in checkpoint["state_dict"])
+    assert set(checkpoint["state_dict"]) == set(engine.model.interpreter_state_dict())
+    assert type(checkpoint["rank1"]) is float and checkpoint["epoch"] == 1
+    assert checkpoint["attrimeter"]["target"]["weights_sha256"] == engine.model.target_spec["weights_sha256"]
+
+
+def test_save_model_works_without_a_scheduler(engine, tmp_path):
+    engine_without = AttriMeterEngine(engine.datamanager, engine.model, engine.optimizer, None, use_gpu=False)
+    path = engine_without.save_model(2, None, str(tmp_path / "run"))
+    checkpoint = compat.load_checkpoint(path)
+    assert "scheduler" not in checkpoint and "rank1" not in checkpoint and checkpoint["epoch"] == 3
+
+
+def test_save_model_never_overwrites_a_file_it_did_not_write(engine, tmp_path):
+    save_dir = tmp_path / "run"
+    os.makedirs(save_dir / "model")
+    (save_dir / "model" / "model.pth.tar-1").write_bytes(b"the user's own file")
+    with pytest.raises(FileExistsError, match="model.pth.tar-1"):
+        engine.save_model(0, None, str(save_dir))
+    assert (save_dir / "model" / "model.pth.tar-1").read_bytes() == b"the user's own file"
+
+
+def test_epoch_checkpoints_without_evaluation_roll_over_and_evaluated_ones_stay(engine, tmp_path):
+    save_dir = str(tmp_path / "run")
+    engine.save_model(0, None, save_dir)
+    engine.save_model(1, 0.25, save_dir)  # evaluated: kept
+    engine.save_model(2, None, save_dir)
+    engine.save_model(3, None, save_dir)
+    assert [epoch for epoch, _ in list_checkpoints(save_dir)] == [2, 4]
+    assert latest_checkpoint(save_dir).endswith("model.pth.tar-4")
+
+
+def test_resume_restores_interpreter_optimizer_and_epoch(data_root, target_files, tmp_path):
+    cfg = tiny_config(data_root, target_files["osnet_x0_25"], tmp_path / "log", name="osnet_x0_25")
+    first = build_engine(cfg)
+    first.set_model_mode("train")
+    first.forward_backward(_first_batch(first))
+    path = first.save_model(4, None, str(tmp_path / "run"))
+
+    second = build_engine(cfg)
+    assert second.resume(path) == 5
+    for key, value in first.model.interpreter_state_dict().items():
+        assert torch.equal(value, second.model.interpreter_state_dict()[key]), key
+    assert second.optimizer.state_dict()["state"].keys() == first.optimizer.state_dict()["state"].keys()
+
+
+def test_resume_with_changed_target_weights_is_an_error(engine, data_root, target_files, tmp_path):
+    path = engine.save_model(0, None, str(tmp_path / "run"))
+    changed = str(tmp_path / "changed.pth")
+    state = torch.load(target_files["resnet18"])
+    state[next(iter(state))] += 1.0
+    torch.save(state, changed)
+    other = build_engine(tiny_config(data_root, changed, tmp_path / "log"))
+    with pytest.raises(ResumeError, match="sha256"):
+        other.resume(path)
+
+
+def test_resume_with_another_target_model_is_an_error(engine, data_root, target_files, tmp_path):
+    path = engine.save_model(0, None, str(tmp_path / "run"))
+    other = build_engine(tiny_config(data_root, target_files["osnet_x0_25"], tmp_path / "b",
+                                     name="osnet_x0_25"))
+    with pytest.raises(ResumeError, match="resnet18"):
+        other.resume(path)
+
+
+def test_resume_from_a_plain_torchreid_file_is_an_error_explaining_the_keys(engine, target_files):
+    with pytest.raises(ResumeError, match="attrimeter.target_weights"):
+        engine.resume(target_files["resnet18"])
+
+
+def test_a_fresh_run_refuses_to_overwrite_an_earlier_runs_checkpoints(engine, tmp_path):
+    save_dir = str(tmp_path / "run")
+    engine.save_model(0, None, save_dir)
+    fresh = AttriMeterEngine(engine.datamanager, engine.model, engine.optimizer, engine.scheduler,
+                             use_gpu=False)
+    with pytest.raises(FileExistsError, match="model.resume auto"):
+        fresh.run(save_dir=save_dir, max_epoch=1, start_epoch=0)
+
+
+def test_warmup_rises_linearly_to_the_configured_lr_and_restores(data_root, target_files, tmp_path):
+    cfg = tiny_config(data_root, target_files["resnet18"], tmp_path / "log",
+                      **{"attrimeter.warmup_epochs": 4, "attrimeter.warmup_factor": 0.1,
+                         "train.stepsize": [100]})
+    engine = build_engine(cfg)
+    rates = [engine.get_current_lr()]
+    for _ in range(5):
+        engine.optimizer.step()
+        engine.update_lr()
+        rates.append(engine.get_current_lr())
+    assert rates == pytest.approx([1e-4, 3.25e-4, 5.5e-4, 7.75e-4, 1e-3, 1e-3])
+    state = engine.scheduler.state_dict()
+    again = build_engine(cfg)
+    again.scheduler.load_state_dict(state)
+    again.optimizer.load_state_dict(engine.optimizer.state_dict())
+    assert again.get_current_lr() == pytest.approx(1e-3)
+
+
+def test_batch_adre_is_the_mean_relative_error_off_the_diagonal_in_percent():
+    target = torch.tensor([[0.0, 2.0], [4.0, 0.0]])
+    reconstructed = torch.tensor([[5.0, 1.0], [5.0, 9.0]])
+    assert batch_adre(target, reconstructed) == pytest.approx((0.5 + 0.25) / 2 * 100)
+
+
+def test_test_runs_the_explanation_evaluation_and_returns_rank1_as_a_fraction(engine):
+    rank1 = engine.test(ranks=[1, 5])
+    results = engine.test_results["synthetic_attr"]
+    assert type(rank1) is float and 0.0 <= rank1 <= 1.0
+    assert rank1 == pytest.approx(results["interpreter_rank1"] / 100.0)
+    for key in ("target_rank1", "target_mAP", "interpreter_mAP", "ADRE"):
+        assert key in results
+
+
+def test_a_dataset_without_attributes_is_an_error_naming_the_key(data_root, target_files, tmp_path):
+    cfg = tiny_config(data_root, target_files["resnet18"], tmp_path / "log",
+                      **{"data.sources": ["market1501"]})
+    with pytest.raises(ConfigError, match="data.sources.*market1501_attr"):
+        build_engine(cfg)
+
+
+def test_target_weights_of_another_architecture_are_an_error_naming_the_keys(data_root, target_files,
+                                                                              tmp_path):
+    cfg = tiny_config(data_root, target_files["resnet18"], tmp_path / "log", name="osnet_x0_25")
+    with pytest.raises(ConfigError, match="model.name"):
+        build_engine(cfg)
+
+
+def test_missing_target_weights_file_is_an_error_naming_it(data_root, tmp_path):
+    cfg = tiny_config(data_root, str(tmp_path / "absent.pth"), tmp_path / "log")
+    with pytest.raises(ConfigError, match="absent.pth"):
+        build_engine(cfg)

@@ -1,0 +1,254 @@
+"""The explain API: an Explanation of two images equals the evaluator's numbers for that pair, any
+image input gives the same result, checkpoints rebuild their target, and bad inputs are errors
+naming the file. Tiny synthetic data, untrained osnet_x0_25 at 64x32, CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from explain_fixtures import IMAGE_SIZE, tiny_setup
+from PIL import Image
+
+import torchreid_attrimeter
+from torchreid_attrimeter import compat
+from torchreid_attrimeter.attributes import get_schema
+from torchreid_attrimeter.data import CorruptImageError
+from torchreid_attrimeter.decomposition import pairwise_components
+from torchreid_attrimeter.evaluation import extract_decompositions
+from torchreid_attrimeter.explain import Explainer, ExplainError, Explanation, load_attrimeter_checkpoint
+
+SCHEMA = get_schema("market1501")
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_setup(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def explainer(setup):
+    return Explainer.from_checkpoint(setup.checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def test_loaders(setup):
+    loaders = setup.engine.datamanager.test_loader["synthetic_attr"]
+    return loaders["query"], loaders["gallery"]
+
+
+@pytest.fixture(scope="module")
+def evaluator_decompositions(setup, test_loaders):
+    """What the evaluator computes for the query and gallery sets (torchreid's loaders)."""
+    query_loader, gallery_loader = test_loaders
+    query = extract_decompositions(setup.engine.model, query_loader, device=torch.device("cpu"), amp=False)
+    gallery = extract_decompositions(setup.engine.model, gallery_loader, device=torch.device("cpu"), amp=False)
+    return query[0], gallery[0]
+
+
+def _image_paths(loader):
+    return [item[0] for item in loader.dataset.data]
+
+
+def test_package_exports_explainer_and_explanation():
+    assert torchreid_attrimeter.Explainer is Explainer
+    assert torchreid_attrimeter.Explanation is Explanation
+
+
+def test_explanation_equals_the_evaluators_numbers_for_the_same_pair(explainer, test_loaders,
+                                                                     evaluator_decompositions):
+    # Equal up to float32 rounding: the evaluator runs batches of 16 images, explain() batches of two,
+    # and the distance expansion ||a||^2 + ||b||^2 - 2ab amplifies the last-bit differences.
+    query_paths, gallery_paths = (_image_paths(loader) for loader in test_loaders)
+    evaluated = pairwise_components(*evaluator_decompositions, metric="euclidean")
+    for query_index, gallery_index in ((0, 0), (1, 5), (len(query_paths) - 1, len(gallery_paths) - 1)):
+        explanation = explainer.explain(query_paths[query_index], gallery_paths[gallery_index])
+        assert explanation.target_distance == pytest.approx(
+            float(evaluated.target_distance[query_index, gallery_index]), rel=TOLERANCE, abs=1e-6)
+        assert explanation.reconstructed_distance == pytest.approx(
+            float(evaluated.reconstructed_distance[query_index, gallery_index]), rel=TOLERANCE, abs=1e-6)
+        torch.testing.assert_close(explanation.attribute_components,
+                                   evaluated.attribute_components[query_index, gallery_index],
+                                   rtol=TOLERANCE, atol=1e-6)
+        torch.testing.assert_close(explanation.shares, evaluated.shares[query_index, gallery_index],
+                                   rtol=TOLERANCE, atol=1e-6)
+
+
+def test_preprocessing_is_torchreids_test_transform(explainer, test_loaders):
+    query_loader, _ = test_loaders
+    batch = next(iter(query_loader))
+    inputs, pictures = explainer.prepare(list(batch["impath"][:3]))
+    torch.testing.assert_close(inputs, batch["img"][:3])
+    assert pictures[0].shape == (*IMAGE_SIZE, 3) and pictures[0].dtype == np.uint8
+
+
+def test_paths_pil_images_arrays_and_tensors_give_the_same_explanation(explainer, tmp_path):
+    generator = np.random.default_rng(0)
+    pixels_a = generator.integers(0, 256, (96, 40, 3), dtype=np.uint8)
+    pixels_b = generator.integers(0, 256, (70, 30, 3), dtype=np.uint8)
+    path_a, path_b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    Image.fromarray(pixels_a).save(path_a)
+    Image.fromarray(pixels_b).save(path_b)
+    reference = explainer.explain(path_a, path_b)
+    variants = [
+        (Image.fromarray(pixels_a), Image.fromarray(pixels_b)),
+        (pixels_a, pixels_b),
+        (pixels_a.astype(np.float32) / 255.0, pixels_b.astype(np.float64) / 255.0),
+        (torch.from_numpy(pixels_a).permute(2, 0, 1), torch.from_numpy(pixels_b).permute(2, 0, 1)),
+        (torch.from_numpy(pixels_a).permute(2, 0, 1).float() / 255.0,
+         torch.from_numpy(pixels_b).permute(2, 0, 1)[None].float() / 255.0),
+    ]
+    for image_a, image_b in variants:
+        explanation = explainer.explain(image_a, image_b)
+        assert explanation.target_distance == pytest.approx(reference.target_distance, rel=1e-5)
+        torch.testing.assert_close(explanation.attribute_components, reference.attribute_components)
+        torch.testing.assert_close(explanation.maps_a, reference.maps_a)
+
+
+def test_explanation_lists_every_attribute_in_schema_order_with_consistent_numbers(explainer, setup):
+    query_path = _image_paths(setup.engine.datamanager.test_loader["synthetic_attr"]["query"])[0]
+    gallery_path = _image_paths(setup.engine.datamanager.test_loader["synthetic_attr"]["gallery"])[3]
+    explanation = explainer.explain(query_path, gallery_path)
+    parts = explanation.attributes()
+    assert [part.name for part in parts] == list(SCHEMA.attributes)
+    assert [part.group for part in parts] == [SCHEMA.group_of(name) for name in SCHEMA.attributes]
+    assert float(explanation.shares.sum()) == pytest.approx(1.0, rel=1e-5)
+    assert sum(part.contribution for part in parts) == pytest.approx(explanation.reconstructed_distance, rel=1e-5)
+    assert explanation.maps_a.shape == explanation.maps_b.shape
+    assert explanation.maps_a.shape[0] == SCHEMA.num_attributes and bool((explanation.maps_a > 0).all())
+    assert explanation.image_a.shape == (*IMAGE_SIZE, 3)
+    assert explanation.source_a == query_path
+
+
+def test_top_k_is_sorted_by_share_and_to_dict_is_json_safe(explainer):
+    generator = np.random.default_rng(1)
+    explanation = explainer.explain(generator.random((64, 32, 3)), generator.random((64, 32, 3)))
+    top = explanation.top(4)
+    assert len(top) == 4
+    assert [part.share for part in top] == sorted((part.share for part in explanation.attributes()),
+                                                  reverse=True)[:4]
+    record = json.loads(json.dumps(explanation.to_dict(include_maps=True), allow_nan=False))
+    assert [entry["name"] for entry in record["attributes"]] == list(SCHEMA.attributes)
+    assert record["target_distance"] == pytest.approx(explanation.target_distance)
+    assert record["top"] == [part.name for part in explanation.top(3)]
+    assert np.asarray(record["maps_a"]).shape == tuple(explanation.maps_a.shape)
+
+
+def test_predicted_differences_come_from_the_attribute_branch(explainer, setup):
+    generator = np.random.default_rng(2)
+    image_a, image_b = generator.random((64, 32, 3)), generator.random((64, 32, 3))
+    explanation = explainer.explain(image_a, image_b)
+    assert explanation.probabilities_a is not None
+    expected = (explanation.probabilities_a > 0.5) != (explanation.probabilities_b > 0.5)
+    assert torch.equal(explanation.predicted_difference, expected)
+    assert all(isinstance(part.differs, bool) for part in explanation.attributes())
+
+    without_branch = torchreid_attrimeter.build_attrimeter(
+        "osnet_x0_25", SCHEMA.num_attributes, setup.target_weights, variant="head", hidden_channels=8,
+        image_size=IMAGE_SIZE)
+    plain = Explainer(without_branch, SCHEMA.attributes, "euclidean", device="cpu").explain(image_a, image_b)
+    assert plain.predicted_difference is None
+    assert all(part.differs is None for part in plain.attributes())
+    assert plain.attribute_groups == dict(SCHEMA.groups)
+
+
+def test_explainer_from_a_built_model_equals_the_one_from_its_checkpoint(explainer, setup):
+    direct = Explainer(setup.engine.model, SCHEMA.attributes, "euclidean", IMAGE_SIZE, device="cpu")
+    generator = np.random.default_rng(3)
+    image_a, image_b = generator.random((64, 32, 3)), generator.random((64, 32, 3))
+    first, second = direct.explain(image_a, image_b), explainer.explain(image_a, image_b)
+    assert first.target_distance == pytest.approx(second.target_distance, rel=1e-6)
+    torch.testing.assert_close(first.attribute_components, second.attribute_components)
+    assert explainer.checkpoint_record["target"]["name"] == "osnet_x0_25"
+    assert explainer.image_size == IMAGE_SIZE
+
+
+def test_explain_ranking_orders_by_target_distance_and_marks_matches(explainer, test_loaders):
+    query_loader, gallery_loader = test_loaders
+    query_path, query_pid, query_camid = query_loader.dataset.data[0][:3]
+    gallery = gallery_loader.dataset.data
+    paths = [item[0] for item in gallery]
+    pids, camids = [item[1] for item in gallery], [item[2] for item in gallery]
+    ranking = explainer.explain_ranking(query_path, paths, topk=5, query_pid=query_pid, gallery_pids=pids,
+                                        query_camid=query_camid, gallery_camids=camids)
+    assert len(ranking) == 5
+    distances = [explanation.target_distance for explanation in ranking.explanations]
+    assert distances == sorted(distances)
+    left_out = {index for index in range(len(paths)) if pids[index] == query_pid and camids[index] == query_camid}
+    assert not left_out & set(ranking.gallery_indices)
+    all_distances = [explainer.explain(query_path, paths[index]).target_distance
+                     for index in range(len(paths)) if index not in left_out]
+    assert distances[0] == pytest.approx(min(all_distances), rel=1e-5)
+    assert ranking.matches == [pids[index] == query_pid for index in ranking.gallery_indices]
+    json.dumps(ranking.to_dict(), allow_nan=False)
+
+
+def test_a_query_identity_absent_from_the_gallery_is_noted(explainer, test_loaders):
+    _, gallery_loader = test_loaders
+    paths = [item[0] for item in gallery_loader.dataset.data]
+    pids = [item[1] for item in gallery_loader.dataset.data]
+    ranking = explainer.explain_ranking(paths[0], paths[1:], topk=3, query_pid=99999, gallery_pids=pids[1:])
+    assert ranking.matches == [False, False, False]
+    assert any("99999" in note and "absent" in note for note in ranking.notes)
+
+
+def test_missing_and_unreadable_image_files_are_errors_naming_the_file(explainer, tmp_path):
+    missing = str(tmp_path / "nowhere.jpg")
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not a jpeg at all")
+    good = np.zeros((64, 32, 3), np.uint8)
+    with pytest.raises(FileNotFoundError, match="nowhere.jpg"):
+        explainer.explain(missing, good)
+    with pytest.raises(CorruptImageError, match="corrupt.jpg"):
+        explainer.explain(good, str(corrupt))
+    with pytest.raises(ExplainError, match=r"\[0, 1\]"):
+        explainer.explain(np.full((64, 32, 3), 2.5), good)
+    with pytest.raises(ExplainError, match="channels first"):
+        explainer.explain(torch.zeros(2, 3, 64, 32), good)
+
+
+def test_checkpoint_whose_target_weights_are_gone_is_an_error_and_can_be_pointed_at_them(setup, tmp_path):
+    moved = str(tmp_path / "moved.pth")
+    shutil.copy(setup.target_weights, moved)
+    checkpoint = compat.load_checkpoint(setup.checkpoint)
+    checkpoint["attrimeter"]["target"]["weights"] = str(tmp_path / "gone" / "osnet_x0_25.pth")
+    orphan = str(tmp_path / "orphan.pth.tar")
+    torch.save(checkpoint, orphan)
+    with pytest.raises(FileNotFoundError, match="gone.*target_weights"):
+        Explainer.from_checkpoint(orphan)
+    explainer = Explainer.from_checkpoint(orphan, target_weights=moved, device="cpu")
+    assert explainer.model.target_spec["weights"] == moved
+
+
+def test_checkpoint_with_changed_target_weights_is_refused(setup, tmp_path):
+    changed = str(tmp_path / "changed.pth")
+    state = torch.load(setup.target_weights)
+    state[next(iter(state))] += 1.0
+    torch.save(state, changed)
+    with pytest.raises(ExplainError, match="sha256"):
+        load_attrimeter_checkpoint(setup.checkpoint, target_weights=changed)
+
+
+def test_a_file_that_is_not_an_interpreter_checkpoint_is_refused(setup):
+    with pytest.raises(ExplainError, match="not an AttriMeter interpreter checkpoint"):
+        Explainer.from_checkpoint(setup.target_weights)
+
+
+def test_average_maps_split_images_by_their_labels(explainer, test_loaders):
+    _, gallery_loader = test_loaders
+    dataset = gallery_loader.dataset
+    paths = [item[0] for item in dataset.data[:8]]
+    labels = torch.as_tensor(np.stack([dataset.labels_of(path)[0] for path in paths]))
+    known = torch.as_tensor(np.stack([dataset.labels_of(path)[1] for path in paths]))
+    average = explainer.average_maps(paths, labels, known)
+    maps = explainer.decompose(paths).maps
+    m = int(torch.argmax((labels * known).sum(0)))
+    positives = (labels[:, m] == 1) & known[:, m]
+    torch.testing.assert_close(average.with_attribute[m], maps[positives, m].mean(0))
+    assert int(average.with_count[m]) == int(positives.sum())
+    assert os.path.basename(paths[0]) and average.to_dict()["attributes"][m]["images_with"] == int(positives.sum())

@@ -1,0 +1,105 @@
+"""The HTML report in a real headless browser (Debian's chromium driven by Playwright): it loads
+offline without console errors or network requests, shows the expected numbers of queries and
+pairs, and opens each pair's maps. Skipped only when chromium or the playwright package is absent
+(CI installs both: apt-get install -y chromium; pip install -e .[test])."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from explain_fixtures import tiny_setup
+
+from torchreid_attrimeter.explain import Explainer
+from torchreid_attrimeter.report import ImageRecord, prepare_output_dir, write_report
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright Python package is not installed (pip install playwright)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium executable (Debian: apt-get install -y chromium)")
+
+TOPK = 3
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A report of three queries: two explained, one whose image file is missing."""
+    setup = tiny_setup(tmp_path_factory)
+    explainer = Explainer.from_checkpoint(setup.checkpoint, device="cpu")
+    loaders = setup.engine.datamanager.test_loader["synthetic_attr"]
+    query = [ImageRecord(*item[:3]) for item in loaders["query"].dataset.data]
+    gallery = [ImageRecord(*item[:3]) for item in loaders["gallery"].dataset.data]
+    queries = [query[0], ImageRecord(os.path.join(setup.folder, "missing_query.jpg"), 1, 0), query[2]]
+    folder = prepare_output_dir(tmp_path_factory.mktemp("browser") / "report")
+    files = write_report(explainer, queries, gallery, folder, topk=TOPK, info={"dataset": "synthetic_attr"})
+    return files
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, report):
+    context = browser.new_context()
+    page = context.new_page()
+    problems = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    # Everything is embedded: any request beyond the file itself and data: URIs is a failure.
+    page.on("request", lambda request: None if request.url.startswith(("file://", "data:"))
+            else problems.append(f"network request to {request.url}"))
+    page.goto("file://" + report.index)
+    page.wait_for_load_state("load")
+    yield page, problems
+    context.close()
+
+
+def test_report_loads_offline_without_console_errors(page):
+    page, problems = page
+    assert page.title() == "AttriMeter explanations"
+    assert problems == []
+
+
+def test_report_shows_every_query_and_its_ranked_pairs(page):
+    page, _ = page
+    assert page.locator("section.query").count() == 3
+    assert page.locator("section.query.failed").count() == 1
+    assert page.locator(".item.pair").count() == 2 * TOPK
+    assert page.locator("section.query").nth(1).locator(".error").inner_text().count("missing_query.jpg") == 1
+    assert page.locator(".item.pair").first.locator(".bars .bar").count() == 5
+    all_images_loaded = page.evaluate(
+        "Array.from(document.querySelectorAll('img.thumb')).every(img => img.complete && img.naturalWidth > 0)")
+    assert all_images_loaded
+
+
+def test_each_pairs_maps_open_in_the_viewer_and_close(page):
+    page, problems = page
+    viewer = page.locator("#viewer")
+    buttons = page.locator("button.open-maps")
+    assert buttons.count() == 2 * TOPK
+    for index in range(buttons.count()):
+        buttons.nth(index).click()
+        assert viewer.is_visible()
+        assert page.evaluate("document.getElementById('viewer-image').naturalWidth") > 0
+        assert f"rank {index % TOPK + 1}" in page.locator("#viewer-caption").inner_text()
+        page.keyboard.press("Escape")
+        assert not viewer.is_visible()
+    assert problems == []
+
+
+def test_all_attribute_bars_fold_out(page):
+    page, _ = page
+    details = page.locator(".item.pair").first.locator("details")
+    assert not details.locator(".bar").first.is_visible()
+    details.locator("summary").click()
+    assert details.locator(".bar").count() == 26 and details.locator(".bar").first.is_visible()

@@ -1,0 +1,132 @@
+"""The whole AttriMeter path on CPU, from nothing: generate the synthetic attribute-person dataset,
+train a small target with torchreid's own ImageSoftmaxEngine, graft AttriMeter onto it, train the
+interpreter and evaluate it.
+
+    python tools/demo.py            (or: make demo)
+
+Everything is written under ./demo_output/ (``--output``). A re-run reuses what exists: the dataset,
+the finished target checkpoint and the interpreter's checkpoints (an interrupted run continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import torch
+
+from torchreid_attrimeter import compat
+from torchreid_attrimeter.config import (
+    engine_run_kwargs,
+    imagedata_kwargs,
+    load_config,
+    lr_scheduler_kwargs,
+    optimizer_kwargs,
+)
+from torchreid_attrimeter.data.synthetic import generate_synthetic_dataset
+from torchreid_attrimeter.engine import list_checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET_CONFIG = os.path.join(REPO, "configs", "synthetic_demo_target.yaml")
+ATTRIMETER_CONFIG = os.path.join(REPO, "configs", "attrimeter_synthetic_demo.yaml")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train as train_tool  # tools/ is not a package
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="demo_output", help="folder for data, checkpoints and results")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    return parser.parse_args(argv)
+
+
+def finished_target(save_dir: str, max_epoch: int) -> str | None:
+    """The target checkpoint of a completed training run (torchreid saves it after the final test)."""
+    for epoch, path in list_checkpoints(save_dir):
+        if epoch == max_epoch:
+            return path
+    return None
+
+
+def train_target(cfg) -> str:
+    """torchreid's scripts/main.py flow for an image-softmax model, with torchreid's own engine."""
+    existing = finished_target(cfg.data.save_dir, cfg.train.max_epoch)
+    if existing:
+        print(f"=> Reusing the trained target {existing}")
+        return existing
+    compat.set_random_seed(cfg.train.seed)
+    datamanager = compat.ImageDataManager(**imagedata_kwargs(cfg))
+    model = compat.build_model(cfg.model.name, num_classes=datamanager.num_train_pids, loss=cfg.loss.name,
+                               pretrained=cfg.model.pretrained, use_gpu=cfg.use_gpu)
+    optimizer = compat.build_optimizer(model, **optimizer_kwargs(cfg))
+    scheduler = compat.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
+    engine = compat.ImageSoftmaxEngine(datamanager, model, optimizer=optimizer, scheduler=scheduler,
+                                       use_gpu=cfg.use_gpu, label_smooth=cfg.loss.softmax.label_smooth)
+    engine.run(**engine_run_kwargs(cfg))
+    path = finished_target(cfg.data.save_dir, cfg.train.max_epoch)
+    if path is None:
+        raise RuntimeError(
+            f"torchreid's engine finished but wrote no checkpoint in '{cfg.data.save_dir}/model'"
+        )
+    return path
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (data-loading workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _step(title: str, timings: dict, function, *args):
+    print(f"\n=== {title} ===", flush=True)
+    start, cpu_start = time.time(), _cpu_seconds()
+    result = function(*args)
+    timings[title] = (time.time() - start, _cpu_seconds() - cpu_start)
+    print(f"=== {title}: {timings[title][0]:.0f} s (CPU {timings[title][1]:.0f} s) ===", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    output = os.path.abspath(args.output)
+    data_root = os.path.join(output, "data")
+    use_gpu = torch.cuda.is_available()
+    timings: dict[str, tuple[float, float]] = {}
+    start, cpu_start = time.time(), _cpu_seconds()
+
+    _step("1/3 synthetic dataset", timings, generate_synthetic_dataset, data_root)
+
+    target_cfg = load_config(TARGET_CONFIG, [
+        "data.root", data_root, "data.save_dir", os.path.join(output, "target"),
+        "data.workers", str(args.workers), "use_gpu", str(use_gpu),
+    ])
+    target_weights = _step("2/3 target (torchreid ImageSoftmaxEngine)", timings, train_target, target_cfg)
+
+    attrimeter_cfg = load_config(ATTRIMETER_CONFIG, [
+        "data.root", data_root, "data.save_dir", os.path.join(output, "attrimeter"),
+        "data.workers", str(args.workers), "use_gpu", str(use_gpu),
+        "model.name", target_cfg.model.name, "model.load_weights", target_weights,
+        "data.height", str(target_cfg.data.height), "data.width", str(target_cfg.data.width),
+    ])
+    record = _step("3/3 AttriMeter (tools/train.py)", timings, train_tool.run, attrimeter_cfg)
+
+    total = time.time() - start
+    results = record["datasets"]["synthetic_attr"]
+    print("\n=== Demo finished ===")
+    for title, (seconds, cpu_seconds) in timings.items():
+        print(f"{title:<45s} {seconds:7.0f} s   (CPU {cpu_seconds:6.0f} s)")
+    print(f"{'total':<45s} {total:7.0f} s   (CPU {_cpu_seconds() - cpu_start:6.0f} s)")
+    print(f"target      R1 {results['target_rank1']:.2f}  mAP {results['target_mAP']:.2f}")
+    print(f"interpreter R1 {results['interpreter_rank1']:.2f}  mAP {results['interpreter_mAP']:.2f}  "
+          f"ADRE {results['ADRE']:.2f} %")
+    print(f"Results, logs and checkpoints: {os.path.join(output, 'attrimeter')}")
+    record["timings_seconds"] = {**{title: wall for title, (wall, _) in timings.items()}, "total": total}
+    return record
+
+
+if __name__ == "__main__":
+    main()

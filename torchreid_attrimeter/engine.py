@@ -1,0 +1,521 @@
+"""AttriMeterEngine: torchreid's Engine training the interpreter of a frozen target (method page §4-5),
+evaluating it with the explanation-aware evaluator, and saving checkpoints of the interpreter alone.
+
+torchreid's loop (``run``/``train``, printing, TensorBoard) is reused as is; this subclass overrides
+only ``forward_backward``, ``test``, ``save_model`` and the hooks whose torchreid versions would
+unfreeze the target or lose finished epochs.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any
+
+import torch
+from yacs.config import CfgNode as CN
+
+from torchreid_attrimeter import compat
+from torchreid_attrimeter.config import (
+    ConfigError,
+    check_attrimeter_config,
+    distance_metric,
+    imagedata_kwargs,
+    lr_scheduler_kwargs,
+    optimizer_kwargs,
+    target_name,
+    target_weights,
+)
+from torchreid_attrimeter.data import (
+    ATTRIBUTE_DATASETS,
+    attribute_positive_ratios,
+    attribute_schema_of,
+    set_attribute_file,
+)
+from torchreid_attrimeter.decomposition import Decomposition, pairwise_components
+from torchreid_attrimeter.evaluation import evaluate_model, format_table
+from torchreid_attrimeter.losses import AttributePriorLoss, DistanceDistillationLoss, WeightedAttributeBCE
+from torchreid_attrimeter.models import build_attrimeter
+
+CHECKPOINT_FORMAT = "torchreid-attrimeter/1"
+CHECKPOINT_PATTERN = re.compile(r"^model\.pth\.tar-(\d+)$")
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that does not belong to the configured target, attributes or interpreter."""
+
+
+def checkpoint_dir(save_dir: str) -> str:
+    """Where checkpoints go: ``<save_dir>/model`` (torchreid's Engine names it after the model)."""
+    return os.path.join(save_dir, "model")
+
+
+def list_checkpoints(save_dir: str) -> list[tuple[int, str]]:
+    """(epoch, path) of every ``model.pth.tar-<epoch>`` in ``<save_dir>/model``, by epoch."""
+    found = []
+    for path in glob.glob(os.path.join(checkpoint_dir(save_dir), "model.pth.tar-*")):
+        match = CHECKPOINT_PATTERN.match(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(save_dir: str) -> str | None:
+    checkpoints = list_checkpoints(save_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def _parameter_holder(parameters: list[torch.nn.Parameter]) -> torch.nn.Module:
+    """A module owning exactly the interpreter's parameters (the same tensors, not copies), because
+    torchreid's build_optimizer takes a module and would otherwise hand the frozen target to it."""
+    holder = torch.nn.Module()
+    holder.interpreter = torch.nn.ParameterList(parameters)
+    return holder
+
+
+def build_optimizer(model: torch.nn.Module, cfg: CN) -> torch.optim.Optimizer:
+    """torchreid's optimizer over the interpreter's parameters only."""
+    if cfg.train.staged_lr:
+        raise ConfigError(
+            "train.staged_lr is True: AttriMeter trains only its interpreter, there are no base layers "
+            "to slow down; set train.staged_lr False"
+        )
+    parameters = list(model.interpreter_parameters())
+    if not parameters:
+        raise ConfigError(f"the AttriMeter model around '{target_name(cfg)}' has no trainable parameters")
+    return compat.build_optimizer(_parameter_holder(parameters), **optimizer_kwargs(cfg))
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: CN) -> torch.optim.lr_scheduler.LRScheduler:
+    """torchreid's scheduler (train.lr_scheduler), preceded by attrimeter.warmup_epochs of linear
+    warm-up from attrimeter.warmup_factor x lr. Both are stepped per epoch; the chain saves and
+    restores as one object."""
+    scheduler = compat.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
+    warmup_epochs = cfg.attrimeter.warmup_epochs
+    if warmup_epochs <= 0:
+        return scheduler
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=cfg.attrimeter.warmup_factor, end_factor=1.0, total_iters=warmup_epochs
+    )
+    return torch.optim.lr_scheduler.ChainedScheduler([warmup, scheduler])
+
+
+class AttriMeterEngine(compat.Engine):
+    """Trains an AttriMeter interpreter with torchreid's Engine loop.
+
+    Args:
+        datamanager: a torchreid ImageDataManager over a dataset with attributes
+            (``market1501_attr``, ``dukemtmcreid_attr``, ``synthetic_attr``).
+        model: the AttriMeter module (``build_attrimeter``); its target stays frozen.
+        optimizer: holds the interpreter's parameters only (``build_optimizer``).
+        scheduler: optional learning-rate scheduler.
+        metric: 'euclidean' (plain) or 'cosine', the distance being split.
+        weight_dd, weight_ap, weight_attr: loss weights (authors: 1, 10, 100).
+        evaluation: keyword arguments for ``evaluate_model`` (pairs, topk, memory_budget_mb, amp).
+        trust_checkpoints: open checkpoints that need full unpickling.
+        use_gpu: train on CUDA when available.
+    """
+
+    def __init__(
+        self,
+        datamanager,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        *,
+        metric: str = "euclidean",
+        weight_dd: float = 1.0,
+        weight_ap: float = 10.0,
+        weight_attr: float = 100.0,
+        evaluation: dict | None = None,
+        trust_checkpoints: bool = False,
+        use_gpu: bool = True,
+    ):
+        super().__init__(datamanager, use_gpu=use_gpu)
+        self.device = torch.device("cuda" if self.use_gpu else "cpu")
+        self.schema = attribute_schema_of(datamanager)
+        self.attribute_names = tuple(self.schema.attributes)
+        if not hasattr(model, "interpreter_parameters") or not hasattr(model, "decompose"):
+            raise TypeError(
+                f"AttriMeterEngine trains an AttriMeter (torchreid_attrimeter.build_attrimeter), got "
+                f"{type(model).__name__}"
+            )
+        if model.num_attributes != len(self.attribute_names):
+            raise ValueError(
+                f"the AttriMeter has {model.num_attributes} attributes but the dataset's schema "
+                f"'{self.schema.name}' has {len(self.attribute_names)}: build it with num_attributes="
+                f"{len(self.attribute_names)}"
+            )
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.register_model("model", self.model, optimizer, scheduler)
+        self.metric = metric
+        self.weight_dd, self.weight_ap = float(weight_dd), float(weight_ap)
+        self.weight_attr = float(weight_attr)
+        self.evaluation = dict(evaluation or {})
+        self.trust_checkpoints = trust_checkpoints
+
+        self.distance_distillation = DistanceDistillationLoss()
+        self.attribute_prior = AttributePriorLoss()
+        self.attribute_recognition = None
+        if getattr(model, "attribute_branch", None) is not None:
+            self.attribute_recognition = WeightedAttributeBCE(attribute_positive_ratios(datamanager))
+            self.attribute_recognition.to(self.device)
+
+        self.test_results: dict[str, dict] = {}
+        self.save_dir: str | None = None
+        self._written_checkpoints: set[str] = set()
+        self._rolling_checkpoint: str | None = None
+        self._freeze_target()
+
+    # --- the target stays frozen ------------------------------------------------------------------
+
+    def _freeze_target(self) -> None:
+        interpreter = {id(parameter) for parameter in self.model.interpreter_parameters()}
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(id(parameter) in interpreter)
+
+    def two_stepped_transfer_learning(self, epoch, fixbase_epoch, open_layers, model=None):
+        # torchreid's version calls open_all_layers(), which would make the frozen target trainable.
+        # The interpreter has no pre-trained "base" to hold back, so fixbase_epoch does not apply.
+        if fixbase_epoch > 0 and epoch == 0:
+            print(f"* train.fixbase_epoch={fixbase_epoch} is ignored: only the interpreter trains, "
+                  f"the target is always frozen")
+        self._freeze_target()
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def forward_backward(self, data: dict) -> dict[str, float]:
+        """One PK batch: every pair (i != j) of the batch against itself.
+
+        Returns floats that torchreid prints and writes to TensorBoard as ``Train/<key>``: the total
+        loss, each term, and the batch's ADRE in % (the meter averages it over the epoch).
+        """
+        if "attributes" not in data or "attributes_known" not in data:
+            raise ConfigError(
+                f"training batches have no attributes (keys: {sorted(data)}): data.sources "
+                f"{list(self.datamanager.sources)} must be attribute datasets such as "
+                f"market1501_attr, dukemtmcreid_attr or synthetic_attr"
+            )
+        images = data["img"].to(self.device)
+        attributes = data["attributes"].to(self.device)
+        attributes_known = data["attributes_known"].to(self.device)
+
+        decomposition: Decomposition = self.model(images)
+        distances = pairwise_components(decomposition, decomposition, self.metric)
+        loss_dd = self.distance_distillation(distances)
+        loss_ap = self.attribute_prior(distances, attributes, attributes_known)
+        loss = self.weight_dd * loss_dd + self.weight_ap * loss_ap
+        summary = {"loss_dd": loss_dd.item(), "loss_ap": loss_ap.item()}
+        if self.attribute_recognition is not None:
+            loss_attr = self.attribute_recognition(decomposition.attribute_logits, attributes,
+                                                   attributes_known)
+            loss = loss + self.weight_attr * loss_attr
+            summary["loss_attr"] = loss_attr.item()
+
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+        summary["loss"] = loss.item()
+        summary["ADRE"] = batch_adre(distances.target_distance.detach(),
+                                     distances.reconstructed_distance.detach())
+        return summary
+
+    def run(self, save_dir: str = "log", max_epoch: int = 0, start_epoch: int = 0, test_only: bool = False,
+            **kwargs) -> None:
+        """torchreid's ``run``, plus a checkpoint after every epoch and a refusal to overwrite the
+        checkpoints of an earlier run in ``save_dir``."""
+        self.save_dir = save_dir
+        if not test_only:
+            self._refuse_to_overwrite(save_dir, start_epoch, max_epoch)
+            if start_epoch >= max_epoch > 0:
+                # torchreid would "finish" with self.epoch = 0 and save epoch 1 over a real checkpoint.
+                print(f"=> Already trained to epoch {start_epoch} of {max_epoch}: evaluating only")
+                test_only = True
+        super().run(save_dir=save_dir, max_epoch=max_epoch, start_epoch=start_epoch, test_only=test_only,
+                    **kwargs)
+
+    def train(self, print_freq: int = 10, fixbase_epoch: int = 0, open_layers=None) -> None:
+        super().train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
+        # torchreid saves only after an evaluation; an interrupted run must not lose finished epochs.
+        if self.save_dir is not None:
+            self.save_model(self.epoch, None, self.save_dir)
+
+    def _refuse_to_overwrite(self, save_dir: str, start_epoch: int, max_epoch: int) -> None:
+        clashing = [path for epoch, path in list_checkpoints(save_dir) if start_epoch < epoch <= max_epoch]
+        if clashing:
+            raise FileExistsError(
+                f"'{checkpoint_dir(save_dir)}' already holds checkpoints of a run that got further than "
+                f"epoch {start_epoch} ({', '.join(os.path.basename(path) for path in clashing)}); training "
+                f"would overwrite them. Resume that run (model.resume auto, or --resume PATH), or set "
+                f"another data.save_dir."
+            )
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def test(self, dist_metric: str = "euclidean", normalize_feature: bool = False, visrank: bool = False,
+             visrank_topk: int = 10, save_dir: str = "", use_metric_cuhk03: bool = False,
+             ranks=(1, 5, 10, 20), rerank: bool = False) -> float:
+        """Explanation-aware evaluation on every target dataset; returns the interpreter's rank-1
+        (a fraction, as torchreid's test does) of the last one, for ``run`` to store in checkpoints."""
+        if normalize_feature or rerank or visrank or use_metric_cuhk03:
+            raise ConfigError(
+                "test.normalize_feature, test.rerank, test.visrank and cuhk03.use_metric_cuhk03 are not "
+                "supported by the AttriMeter engine (they change or draw distances the interpreter does "
+                "not split, or need CUHK03, which has no attribute labels); set them False"
+            )
+        self.set_model_mode("eval")
+        rank1 = 0.0
+        for name in self.test_loader:
+            print(f"##### Evaluating {name} with AttriMeter ({self.metric} distance) #####")
+            results = evaluate_model(
+                self.model,
+                self.test_loader[name]["query"],
+                self.test_loader[name]["gallery"],
+                self.attribute_names,
+                metric=self.metric,
+                ranks=tuple(ranks),
+                device=self.device,
+                **self.evaluation,
+            )
+            print(format_table(results))
+            self.test_results[name] = results
+            if self.writer is not None:
+                for key, value in results.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.writer.add_scalar(f"Test/{name}/{key}", value, self.epoch)
+            # In 'topk' pair mode the interpreter does not rank whole galleries: report the target's.
+            rank1_percent = results.get("interpreter_rank1")
+            if rank1_percent is None:
+                rank1_percent = results.get("target_rank1") or 0.0
+            rank1 = float(rank1_percent) / 100.0
+        return rank1
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def checkpoint_state(self, epoch: int, rank1: float | None) -> dict:
+        """What a checkpoint holds: the interpreter's weights only, and what identifies the target."""
+        state = {
+            "state_dict": self.model.interpreter_state_dict(),
+            "epoch": epoch + 1,
+            "optimizer": self.optimizer.state_dict(),
+            "attrimeter": {
+                "format": CHECKPOINT_FORMAT,
+                "target": dict(self.model.target_spec),
+                "attribute_names": list(self.attribute_names),
+                "schema": self.schema.name,
+                "metric": self.metric,
+            },
+        }
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if rank1 is not None:
+            # torchreid stores cmc[0], a numpy scalar that torch >= 2.6 refuses to load safely.
+            state["rank1"] = float(rank1)
+        return state
+
+    def save_model(self, epoch: int, rank1: float | None, save_dir: str, is_best: bool = False) -> str:
+        """Write ``<save_dir>/model/model.pth.tar-<epoch+1>`` (torchreid's name and layout).
+
+        Works without a scheduler (torchreid's crashes on None), never replaces a file this run did
+        not write, and writes through a temporary file so an interruption leaves no broken checkpoint.
+        A checkpoint written after an epoch without evaluation is replaced by the next one.
+        """
+        directory = checkpoint_dir(save_dir)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"model.pth.tar-{epoch + 1}")
+        if os.path.exists(path) and path not in self._written_checkpoints:
+            raise FileExistsError(
+                f"'{path}' exists and was not written by this run; refusing to overwrite it. Move it away "
+                f"or set another data.save_dir."
+            )
+        temporary = path + ".tmp"
+        torch.save(self.checkpoint_state(epoch, rank1), temporary)
+        os.replace(temporary, path)
+        self._written_checkpoints.add(path)
+        print(f'Checkpoint saved to "{path}"')
+
+        previous = self._rolling_checkpoint
+        if (previous is not None and previous != path and os.path.dirname(previous) == directory
+                and os.path.exists(previous)):
+            os.remove(previous)
+        self._rolling_checkpoint = path if rank1 is None else None
+        if is_best:
+            best = os.path.join(directory, "model-best.pth.tar")
+            torch.save(self.checkpoint_state(epoch, rank1), best)
+        return path
+
+    def resume(self, path: str) -> int:
+        """Load an interpreter checkpoint (weights, optimizer, scheduler); returns the epoch to start
+        from. The checkpoint must have been trained for the same target weights and attributes."""
+        checkpoint = compat.load_checkpoint(path, trusted=self.trust_checkpoints)
+        record = checkpoint.get("attrimeter") if isinstance(checkpoint, dict) else None
+        if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+            raise ResumeError(
+                f"'{path}' is not an AttriMeter checkpoint (no 'attrimeter' record): to explain a target "
+                f"from this file, give it as attrimeter.target_weights, not as model.resume"
+            )
+        check_same_target(record["target"], dict(self.model.target_spec), path)
+        if list(record["attribute_names"]) != list(self.attribute_names):
+            raise ResumeError(
+                f"'{path}' was trained on the attributes {record['attribute_names']} (schema "
+                f"'{record['schema']}'), but the dataset gives {list(self.attribute_names)}: resume with "
+                f"the same dataset schema or start a new data.save_dir"
+            )
+        if record["metric"] != self.metric:
+            raise ResumeError(
+                f"'{path}' was trained to split the {record['metric']} distance, the config asks for "
+                f"{self.metric} (attrimeter.metric / test.dist_metric): use the same metric"
+            )
+        try:
+            self.model.load_interpreter_state_dict(checkpoint["state_dict"])
+        except (ValueError, RuntimeError) as error:
+            raise ResumeError(
+                f"'{path}' holds an interpreter of another shape (attrimeter.variant / hidden_channels / "
+                f"attribute_branch differ from the config): {str(error).splitlines()[0]}"
+            ) from None
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scheduler is not None and "scheduler" in checkpoint:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        epoch = int(checkpoint["epoch"])
+        print(f'Resumed from "{path}": epoch {epoch}'
+              + (f", rank1 {checkpoint['rank1']:.1%}" if "rank1" in checkpoint else ""))
+        return epoch
+
+
+def check_same_target(saved: dict, current: dict, path: str) -> None:
+    """A checkpoint's target (name, weights content hash) must be the configured one."""
+    if saved.get("name") != current.get("name"):
+        raise ResumeError(
+            f"'{path}' explains the target '{saved.get('name')}', the config's target is "
+            f"'{current.get('name')}' (attrimeter.target_name / model.name): use the same target or "
+            f"start a new data.save_dir"
+        )
+    saved_hash, current_hash = saved.get("weights_sha256"), current.get("weights_sha256")
+    if saved_hash != current_hash:
+        raise ResumeError(
+            f"'{path}' explains '{saved.get('name')}' with the weights '{saved.get('weights')}' "
+            f"(sha256 {str(saved_hash)[:12]}), but the configured weights '{current.get('weights')}' have "
+            f"sha256 {str(current_hash)[:12]}: the target changed since this interpreter was trained. Use "
+            f"the original weights file (attrimeter.target_weights / model.load_weights) or start a new "
+            f"data.save_dir"
+        )
+
+
+def batch_adre(target_distance: torch.Tensor, reconstructed_distance: torch.Tensor) -> float:
+    """ADRE (method page §6) over the off-diagonal pairs of a training batch, in %.
+
+    target_distance, reconstructed_distance: (B, B).
+    """
+    batch = target_distance.shape[0]
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=target_distance.device)
+    target = target_distance[off_diagonal]
+    valid = target > 1e-8
+    if not bool(valid.any()):
+        return 0.0
+    relative = (target[valid] - reconstructed_distance[off_diagonal][valid]).abs() / target[valid]
+    return float(relative.mean()) * 100.0
+
+
+def check_attribute_datasets(cfg: CN) -> None:
+    """Every source and target must be an attribute dataset (torchreid's own would even try to
+    download themselves), and attrimeter.attribute_file must say which dataset it labels."""
+    for key, names in (("data.sources", cfg.data.sources), ("data.targets", cfg.data.targets)):
+        for name in names:
+            if name not in ATTRIBUTE_DATASETS:
+                with_attributes = f"{name}_attr" if f"{name}_attr" in ATTRIBUTE_DATASETS else None
+                hint = f"use '{with_attributes}' instead" if with_attributes else (
+                    f"use one of {', '.join(ATTRIBUTE_DATASETS)}")
+                raise ConfigError(
+                    f"{key} contains '{name}', a dataset without attribute labels, which the AttriMeter "
+                    f"engine needs: {hint}"
+                )
+    attribute_file = cfg.attrimeter.attribute_file
+    if attribute_file:
+        used = sorted(set(cfg.data.sources) | set(cfg.data.targets))
+        if len(used) != 1:
+            raise ConfigError(
+                f"attrimeter.attribute_file gives one file, but data.sources / data.targets use {used}: "
+                f"leave it empty and put each dataset's attribute file in its dataset folder (or set "
+                f"the ATTRIMETER_<DATASET>_ATTRIBUTES environment variables)"
+            )
+        if not os.path.isfile(attribute_file):
+            raise ConfigError(f"attrimeter.attribute_file: file not found: '{attribute_file}'")
+        set_attribute_file(used[0], attribute_file)
+
+
+def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
+    """Data manager, target, AttriMeter model, optimizer, scheduler and engine from a config, the way
+    torchreid's scripts/main.py builds its engine."""
+
+    check_attrimeter_config(cfg)
+    if datamanager is None:
+        check_attribute_datasets(cfg)
+        datamanager = compat.ImageDataManager(**imagedata_kwargs(cfg))
+    try:
+        schema = attribute_schema_of(datamanager)
+    except TypeError as error:
+        raise ConfigError(f"data.sources: {error}") from None
+    num_attributes = cfg.attrimeter.num_attributes or schema.num_attributes
+    if num_attributes != schema.num_attributes:
+        raise ConfigError(
+            f"attrimeter.num_attributes is {num_attributes} but the dataset's schema '{schema.name}' has "
+            f"{schema.num_attributes} attributes: set attrimeter.num_attributes 0 (= from the schema)"
+        )
+    if cfg.attrimeter.schema and cfg.attrimeter.schema != schema.name:
+        raise ConfigError(
+            f"attrimeter.schema is '{cfg.attrimeter.schema}' but data.sources {list(cfg.data.sources)} use "
+            f"the schema '{schema.name}': leave attrimeter.schema empty or pick matching datasets"
+        )
+    name, weights = target_name(cfg), target_weights(cfg)
+    if name not in compat.available_model_names():
+        raise ConfigError(
+            f"target model '{name}' (attrimeter.target_name / model.name) is not a torchreid model name; "
+            f"available: {', '.join(compat.available_model_names())}"
+        )
+    if not os.path.isfile(weights):
+        raise ConfigError(
+            f"target weights file not found: '{weights}' (attrimeter.target_weights / model.load_weights)"
+        )
+    print(f"Building target: {name} (weights {weights})")
+    try:
+        model = build_attrimeter(
+            name,
+            num_attributes,
+            target_weights=weights,
+            variant=cfg.attrimeter.variant,
+            hidden_channels=cfg.attrimeter.hidden_channels,
+            attribute_branch=cfg.attrimeter.attribute_branch,
+            image_size=(cfg.data.height, cfg.data.width),
+            trusted=cfg.attrimeter.trust_checkpoints,
+        )
+    except compat.CheckpointError as error:
+        raise ConfigError(
+            f"the target weights do not fit the target model '{name}': {error}. Set attrimeter.target_name "
+            f"(or model.name) to the architecture '{weights}' was trained with, or give that model's "
+            f"weights (attrimeter.target_weights / model.load_weights)"
+        ) from None
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg)
+    evaluation = {
+        "pairs": cfg.attrimeter.eval.pairs,
+        "topk": cfg.attrimeter.eval.topk,
+        "memory_budget_mb": cfg.attrimeter.eval.memory_budget_mb,
+        "amp": cfg.attrimeter.eval.amp,
+    }
+    return AttriMeterEngine(
+        datamanager,
+        model,
+        optimizer,
+        scheduler,
+        metric=distance_metric(cfg),
+        weight_dd=cfg.attrimeter.weight_dd,
+        weight_ap=cfg.attrimeter.weight_ap,
+        weight_attr=cfg.attrimeter.weight_attr,
+        evaluation=evaluation,
+        trust_checkpoints=cfg.attrimeter.trust_checkpoints,
+        use_gpu=cfg.use_gpu,
+    )

@@ -1,0 +1,625 @@
+"""Explanations of single distances: how much each attribute contributes to the target's distance
+between two images, and where (method page §2 and §8). This module computes; drawing lives in
+``torchreid_attrimeter.visualize`` and takes what it returns.
+
+Every number comes from ``decomposition.pairwise_components``, the implementation the losses and
+the evaluator use, so an explanation of a pair equals the evaluator's numbers for that pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from torchreid_attrimeter import compat
+from torchreid_attrimeter.decomposition import Decomposition, check_metric, pairwise_components
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+
+class ExplainError(ValueError):
+    """An input the explainer cannot use (image, checkpoint or identities), named in the message."""
+
+
+# --- images ------------------------------------------------------------------------------------------
+
+
+def describe_source(image: ImageInput) -> str:
+    """A short human-readable name for an image input (its path, or its type and size)."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, Image.Image):
+        return f"PIL image {image.width}x{image.height}"
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        return f"{type(image).__name__} {tuple(image.shape)}"
+    return type(image).__name__
+
+
+def to_pil_image(image: ImageInput) -> Image.Image:
+    """Any accepted image input as an RGB PIL image.
+
+    Paths are opened (missing or undecodable files raise an error naming the file). Arrays are
+    (H, W, 3) or (H, W) pixels, uint8 in [0, 255] or float in [0, 1]. Tensors are (3, H, W) or
+    (1, 3, H, W) images as ``ToTensor`` returns them (float in [0, 1], not normalised) or uint8.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        from torchreid_attrimeter.data import read_image_checked
+
+        return read_image_checked(os.fspath(image))
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.dim() == 4 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
+            raise ExplainError(
+                f"an image tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}; pass one "
+                f"image at a time, channels first"
+            )
+        return to_pil_image(tensor.permute(1, 2, 0).numpy().squeeze(-1) if tensor.shape[0] == 1
+                            else tensor.permute(1, 2, 0).numpy())
+    if isinstance(image, np.ndarray):
+        return _array_to_pil(image)
+    raise ExplainError(
+        f"cannot read an image from a {type(image).__name__}: pass a file path, a PIL image, a numpy "
+        f"array (H, W, 3) or a tensor (3, H, W)"
+    )
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
+        raise ExplainError(f"an image array must be (H, W, 3) or (H, W), got shape {array.shape}")
+    if array.dtype == np.uint8:
+        pixels = array
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ExplainError("the image array contains NaN or infinite values")
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise ExplainError(
+                f"a float image array must hold values in [0, 1] (found {array.min():.3g} to "
+                f"{array.max():.3g}); pass uint8 pixels or un-normalised images, not model inputs"
+            )
+        pixels = np.round(array * 255.0).astype(np.uint8)
+    else:
+        raise ExplainError(f"image arrays must be uint8 or float in [0, 1], got dtype {array.dtype}")
+    return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
+
+
+class Preprocessor:
+    """torchreid's own test transform (resize to H x W, ToTensor, normalise), so the explainer feeds
+    the model exactly what torchreid's evaluation does."""
+
+    def __init__(self, image_size: tuple[int, int], norm_mean: Sequence[float] = IMAGENET_MEAN,
+                 norm_std: Sequence[float] = IMAGENET_STD):
+        height, width = (int(size) for size in image_size)
+        # build_transforms prints its steps; an explainer is called in loops and notebooks.
+        with contextlib.redirect_stdout(io.StringIO()):
+            _, self.transform = compat.build_transforms(height, width, transforms=None,
+                                                        norm_mean=list(norm_mean), norm_std=list(norm_std))
+        self.resize = self.transform.transforms[0]
+        self.image_size = (height, width)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
+        """RGB image -> (model input (3, H, W), the resized picture (H, W, 3) uint8 for drawing)."""
+        return self.transform(image), np.asarray(self.resize(image), dtype=np.uint8)
+
+
+# --- results -----------------------------------------------------------------------------------------
+
+
+class AttributeShare(NamedTuple):
+    """One attribute's part of one distance."""
+
+    name: str
+    group: str
+    component: float  # d^m
+    contribution: float  # d^m / M, these add up to the reconstructed distance
+    share: float  # p^m = d^m / sum_k d^k
+    differs: bool | None  # predicted to differ between the two images (attribute branch), else None
+
+
+@dataclass
+class Explanation:
+    """Why the target puts two images at its distance: per-attribute components and their maps.
+
+    attribute_components, shares: (M,) in schema order (``attribute_names``).
+    maps_a, maps_b: (M, h, w) attribute-guided attention maps of each image.
+    probabilities_a, probabilities_b: (M,) attribute probabilities of the attribute branch, or None.
+    image_a, image_b: (H, W, 3) uint8, the images as the model saw them (after resizing).
+    """
+
+    attribute_names: tuple[str, ...]
+    attribute_groups: dict[str, tuple[str, ...]]
+    metric: str
+    target_distance: float
+    attribute_components: torch.Tensor
+    maps_a: torch.Tensor
+    maps_b: torch.Tensor
+    image_a: np.ndarray
+    image_b: np.ndarray
+    source_a: str = "image a"
+    source_b: str = "image b"
+    probabilities_a: torch.Tensor | None = None
+    probabilities_b: torch.Tensor | None = None
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attribute_names)
+
+    @property
+    def reconstructed_distance(self) -> float:
+        """The interpreter's distance (1/M) sum_m d^m."""
+        return float(self.attribute_components.mean())
+
+    @property
+    def relative_error(self) -> float:
+        """|d - reconstructed| / d, the pair's term of ADRE (0 when d is 0)."""
+        if self.target_distance <= 0:
+            return 0.0
+        return abs(self.target_distance - self.reconstructed_distance) / self.target_distance
+
+    @property
+    def contributions(self) -> torch.Tensor:
+        """(M,) d^m / M: they add up to the reconstructed distance."""
+        return self.attribute_components / self.num_attributes
+
+    @property
+    def shares(self) -> torch.Tensor:
+        """(M,) p^m = d^m / sum_k d^k."""
+        return self.attribute_components / self.attribute_components.sum().clamp_min(1e-12)
+
+    @property
+    def predicted_difference(self) -> torch.Tensor | None:
+        """(M,) bool: the attribute branch predicts the attribute present in one image only."""
+        if self.probabilities_a is None or self.probabilities_b is None:
+            return None
+        return (self.probabilities_a > 0.5) != (self.probabilities_b > 0.5)
+
+    def group_of(self, name: str) -> str:
+        for group, names in self.attribute_groups.items():
+            if name in names:
+                return group
+        return "attributes"
+
+    def attributes(self) -> list[AttributeShare]:
+        """Every attribute's part, in schema order."""
+        differs = self.predicted_difference
+        components, shares = self.attribute_components.tolist(), self.shares.tolist()
+        return [
+            AttributeShare(name, self.group_of(name), components[m], components[m] / self.num_attributes,
+                           shares[m], None if differs is None else bool(differs[m]))
+            for m, name in enumerate(self.attribute_names)
+        ]
+
+    def top(self, k: int = 3) -> list[AttributeShare]:
+        """The k attributes with the largest shares, largest first."""
+        return sorted(self.attributes(), key=lambda part: part.share, reverse=True)[:max(int(k), 0)]
+
+    def to_dict(self, include_maps: bool = False) -> dict[str, Any]:
+        """JSON-safe summary; ``include_maps`` adds both (M, h, w) maps as nested lists."""
+        result: dict[str, Any] = {
+            "image_a": self.source_a,
+            "image_b": self.source_b,
+            "metric": self.metric,
+            "target_distance": _finite(self.target_distance),
+            "reconstructed_distance": _finite(self.reconstructed_distance),
+            "relative_error": _finite(self.relative_error),
+            "attributes": [
+                {
+                    "name": part.name,
+                    "group": part.group,
+                    "component": _finite(part.component),
+                    "contribution": _finite(part.contribution),
+                    "share": _finite(part.share),
+                    "predicted_difference": part.differs,
+                    **self._probabilities_of(m),
+                }
+                for m, part in enumerate(self.attributes())
+            ],
+            "top": [part.name for part in self.top(3)],
+            "map_size": list(self.maps_a.shape[-2:]),
+        }
+        if include_maps:
+            result["maps_a"] = self.maps_a.tolist()
+            result["maps_b"] = self.maps_b.tolist()
+        return result
+
+    def _probabilities_of(self, m: int) -> dict[str, float]:
+        if self.probabilities_a is None or self.probabilities_b is None:
+            return {}
+        return {"probability_a": float(self.probabilities_a[m]), "probability_b": float(self.probabilities_b[m])}
+
+
+@dataclass
+class RankingExplanation:
+    """One query against a gallery: the top-k gallery items by target distance, each explained.
+
+    ``matches[i]`` is True/False when identities are known, else None. ``notes`` records what the
+    reader should know (identities absent from the gallery, same-camera items removed, ...).
+    """
+
+    query_source: str
+    query_image: np.ndarray
+    explanations: list[Explanation]
+    gallery_sources: list[str]
+    gallery_indices: list[int]
+    matches: list[bool | None]
+    query_pid: int | None = None
+    gallery_pids: list[int | None] = field(default_factory=list)
+    gallery_size: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.explanations)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query": self.query_source,
+            "query_pid": self.query_pid,
+            "gallery_size": self.gallery_size,
+            "notes": list(self.notes),
+            "ranked": [
+                {
+                    "rank": rank + 1,
+                    "gallery_index": self.gallery_indices[rank],
+                    "image": self.gallery_sources[rank],
+                    "pid": self.gallery_pids[rank] if self.gallery_pids else None,
+                    "match": self.matches[rank],
+                    **explanation.to_dict(),
+                }
+                for rank, explanation in enumerate(self.explanations)
+            ],
+        }
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# --- the explainer -------------------------------------------------------------------------------------
+
+
+class Explainer:
+    """Explains the distances of an AttriMeter model's frozen target.
+
+    model: an AttriMeter module (``build_attrimeter``); it is put in eval mode.
+    attribute_names: the M attribute names in the model's order.
+    metric: the distance the interpreter was trained to split ('euclidean' plain, or 'cosine').
+    image_size: (H, W) the images are resized to; default the model's ``target_spec['image_size']``.
+    attribute_groups: display groups (group -> names), default the schema's if the names are a known
+        schema's, else one group.
+    """
+
+    def __init__(self, model: torch.nn.Module, attribute_names: Sequence[str], metric: str = "euclidean",
+                 image_size: tuple[int, int] | None = None, *,
+                 attribute_groups: Mapping[str, Sequence[str]] | None = None,
+                 norm_mean: Sequence[float] = IMAGENET_MEAN, norm_std: Sequence[float] = IMAGENET_STD,
+                 device: str | torch.device | None = None, batch_size: int = 32):
+        if not hasattr(model, "decompose"):
+            raise ExplainError(
+                f"Explainer needs an AttriMeter model (build_attrimeter), got {type(model).__name__}"
+            )
+        self.attribute_names = tuple(str(name) for name in attribute_names)
+        num_attributes = getattr(model, "num_attributes", len(self.attribute_names))
+        if len(self.attribute_names) != num_attributes:
+            raise ExplainError(
+                f"{len(self.attribute_names)} attribute names given for a model with {num_attributes} "
+                f"attributes: pass the names of the schema the interpreter was trained on"
+            )
+        self.metric = check_metric(metric)
+        if image_size is None:
+            image_size = getattr(model, "target_spec", {}).get("image_size")
+            if image_size is None:
+                raise ExplainError("the model records no image_size: pass image_size=(height, width)")
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.attribute_groups = _groups_for(self.attribute_names, attribute_groups)
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.preprocess = Preprocessor(self.image_size, norm_mean, norm_std)
+        self.batch_size = int(batch_size)
+        self.checkpoint_record: dict[str, Any] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, *, target_weights: str | os.PathLike | None = None,
+                        trusted: bool = False, device: str | torch.device | None = None,
+                        **kwargs: Any) -> Explainer:
+        """An explainer from an interpreter checkpoint written by the AttriMeter engine; the checkpoint
+        names its target (weights path and sha256), image size, attributes and metric.
+        ``target_weights`` replaces the recorded weights path when the file has moved (its content
+        must be the same)."""
+        model, record = load_attrimeter_checkpoint(path, target_weights=target_weights, trusted=trusted)
+        explainer = cls(model, record["attribute_names"], record["metric"],
+                        tuple(record["target"]["image_size"]), device=device, **kwargs)
+        explainer.checkpoint_record = record
+        return explainer
+
+    # --- computing ---------------------------------------------------------------------------------
+
+    def prepare(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """Images -> (model inputs (B, 3, H, W), resized pictures (H, W, 3) uint8)."""
+        inputs, pictures = [], []
+        for image in images:
+            tensor, picture = self.preprocess(to_pil_image(image))
+            inputs.append(tensor)
+            pictures.append(picture)
+        return torch.stack(inputs), pictures
+
+    @torch.no_grad()
+    def decompose(self, images: Sequence[ImageInput], keep_maps: bool = True) -> Decomposition:
+        """The model's Decomposition of a list of images, computed in batches on ``self.device``
+        and returned on CPU; maps are dropped unless ``keep_maps``."""
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            inputs, _ = self.prepare(images[start:start + self.batch_size])
+            parts.append(self._decompose_tensor(inputs, keep_maps))
+        if not parts:
+            raise ExplainError("no images to decompose")
+        return Decomposition.cat(parts)
+
+    @torch.no_grad()
+    def _decompose_tensor(self, inputs: torch.Tensor, keep_maps: bool = True) -> Decomposition:
+        decomposition = self.model.decompose(inputs.to(self.device)).detach().to("cpu")
+        if not keep_maps:
+            decomposition.maps = None
+        return decomposition
+
+    def explain(self, image_a: ImageInput, image_b: ImageInput) -> Explanation:
+        """Explain the target's distance between two images (paths, PIL images, arrays or tensors)."""
+        inputs, pictures = self.prepare([image_a, image_b])
+        decomposition = self._decompose_tensor(inputs)
+        return self._explanation(decomposition[0:1], decomposition[1:2], pictures[0], pictures[1],
+                                 describe_source(image_a), describe_source(image_b))
+
+    def _explanation(self, first: Decomposition, second: Decomposition, picture_a: np.ndarray,
+                     picture_b: np.ndarray, source_a: str, source_b: str) -> Explanation:
+        """Explanation of one pair from single-image decompositions (with maps)."""
+        distances = pairwise_components(first, second, self.metric)
+        probabilities = [None, None]
+        if first.attribute_logits is not None and second.attribute_logits is not None:
+            probabilities = [torch.sigmoid(first.attribute_logits[0]), torch.sigmoid(second.attribute_logits[0])]
+        return Explanation(
+            attribute_names=self.attribute_names,
+            attribute_groups=self.attribute_groups,
+            metric=self.metric,
+            target_distance=float(distances.target_distance[0, 0]),
+            attribute_components=distances.attribute_components[0, 0].clone(),
+            maps_a=first.maps[0].clone(),
+            maps_b=second.maps[0].clone(),
+            image_a=picture_a,
+            image_b=picture_b,
+            source_a=source_a,
+            source_b=source_b,
+            probabilities_a=probabilities[0],
+            probabilities_b=probabilities[1],
+        )
+
+    def explain_ranking(self, query: ImageInput, gallery: Sequence[ImageInput], topk: int = 10, *,
+                        query_pid: int | None = None, gallery_pids: Sequence[int] | None = None,
+                        query_camid: int | None = None, gallery_camids: Sequence[int] | None = None,
+                        gallery_decomposition: Decomposition | None = None) -> RankingExplanation:
+        """Rank ``gallery`` by the target's distance to ``query`` and explain the top-k pairs.
+
+        With identities (``query_pid``, ``gallery_pids``) the ranked items are marked as matches or
+        not; with cameras too, gallery items of the query's identity seen by the query's camera are
+        left out (torchreid's protocol). ``gallery_decomposition`` (maps may be dropped) reuses a
+        decomposition of the whole gallery computed once for many queries.
+        """
+        if len(gallery) == 0:
+            raise ExplainError("the gallery is empty: give at least one gallery image")
+        if gallery_pids is not None and len(gallery_pids) != len(gallery):
+            raise ExplainError(f"{len(gallery_pids)} gallery_pids for {len(gallery)} gallery images")
+        if gallery_camids is not None and len(gallery_camids) != len(gallery):
+            raise ExplainError(f"{len(gallery_camids)} gallery_camids for {len(gallery)} gallery images")
+        if gallery_decomposition is None:
+            gallery_decomposition = self.decompose(gallery, keep_maps=False)
+        elif len(gallery_decomposition) != len(gallery):
+            raise ExplainError(
+                f"gallery_decomposition holds {len(gallery_decomposition)} images, the gallery {len(gallery)}"
+            )
+        query_inputs, query_pictures = self.prepare([query])
+        query_decomposition = self._decompose_tensor(query_inputs)
+
+        notes: list[str] = []
+        candidates = torch.arange(len(gallery))
+        if None not in (query_pid, gallery_pids, query_camid, gallery_camids):
+            pids, camids = torch.as_tensor(list(gallery_pids)), torch.as_tensor(list(gallery_camids))
+            same_view = (pids == int(query_pid)) & (camids == int(query_camid))
+            if bool(same_view.any()):
+                notes.append(f"{int(same_view.sum())} gallery image(s) of identity {query_pid} from the "
+                             f"query's camera {query_camid} left out (torchreid's protocol)")
+            candidates = candidates[~same_view]
+        if query_pid is not None and gallery_pids is not None:
+            remaining = {int(gallery_pids[int(index)]) for index in candidates}
+            if int(query_pid) not in remaining:
+                notes.append(f"identity {query_pid} of the query is absent from the gallery: no ranked item "
+                             f"can be a true match")
+        if len(candidates) == 0:
+            raise ExplainError("no gallery image is left after removing the query's own camera view")
+
+        distances = pairwise_components(query_decomposition, gallery_decomposition[candidates], self.metric)
+        order = torch.argsort(distances.target_distance[0], stable=True)[:max(int(topk), 1)]
+        chosen = [int(candidates[int(position)]) for position in order]
+
+        chosen_inputs, chosen_pictures = self.prepare([gallery[index] for index in chosen])
+        chosen_decomposition = self._decompose_tensor(chosen_inputs)
+        explanations = [
+            self._explanation(query_decomposition, chosen_decomposition[rank:rank + 1], query_pictures[0],
+                              chosen_pictures[rank], describe_source(query), describe_source(gallery[index]))
+            for rank, index in enumerate(chosen)
+        ]
+        ranked_pids = [int(gallery_pids[index]) for index in chosen] if gallery_pids is not None else []
+        matches = ([pid == int(query_pid) for pid in ranked_pids] if query_pid is not None and ranked_pids
+                   else [None] * len(chosen))
+        return RankingExplanation(
+            query_source=describe_source(query),
+            query_image=query_pictures[0],
+            explanations=explanations,
+            gallery_sources=[describe_source(gallery[index]) for index in chosen],
+            gallery_indices=chosen,
+            matches=matches,
+            query_pid=None if query_pid is None else int(query_pid),
+            gallery_pids=ranked_pids,
+            gallery_size=len(gallery),
+            notes=notes,
+        )
+
+    @torch.no_grad()
+    def average_maps(self, images: Sequence[ImageInput], attributes: torch.Tensor,
+                     known: torch.Tensor | None = None) -> AverageMaps:
+        """Per attribute, the mean map over images that have it and over images that don't
+        (method page §8). attributes: (N, M) in {0, 1}; known: (N, M) bool, unknown labels skipped."""
+        attributes = torch.as_tensor(attributes, dtype=torch.float32)
+        if attributes.shape != (len(images), len(self.attribute_names)):
+            raise ExplainError(
+                f"attributes must be (N={len(images)}, M={len(self.attribute_names)}), got "
+                f"{tuple(attributes.shape)}"
+            )
+        known = torch.ones_like(attributes, dtype=torch.bool) if known is None else torch.as_tensor(known).bool()
+        with_sum = without_sum = None
+        with_count = torch.zeros(len(self.attribute_names))
+        without_count = torch.zeros(len(self.attribute_names))
+        for start in range(0, len(images), self.batch_size):
+            maps = self.decompose(images[start:start + self.batch_size]).maps  # (B, M, h, w)
+            labels = attributes[start:start + self.batch_size]
+            labelled = known[start:start + self.batch_size].float()
+            positive, negative = labels * labelled, (1 - labels) * labelled  # (B, M)
+            batch_with = (maps * positive[..., None, None]).sum(0)
+            batch_without = (maps * negative[..., None, None]).sum(0)
+            with_sum = batch_with if with_sum is None else with_sum + batch_with
+            without_sum = batch_without if without_sum is None else without_sum + batch_without
+            with_count += positive.sum(0)
+            without_count += negative.sum(0)
+        if with_sum is None:
+            raise ExplainError("no images given for the average maps")
+        return AverageMaps(
+            attribute_names=self.attribute_names,
+            with_attribute=with_sum / with_count.clamp_min(1)[:, None, None],
+            without_attribute=without_sum / without_count.clamp_min(1)[:, None, None],
+            with_count=with_count.long(),
+            without_count=without_count.long(),
+        )
+
+
+@dataclass
+class AverageMaps:
+    """Dataset-level mean maps. with_attribute, without_attribute: (M, h, w); counts (M,) (an
+    attribute with count 0 on one side has an all-zero mean there and is drawn as 'no images')."""
+
+    attribute_names: tuple[str, ...]
+    with_attribute: torch.Tensor
+    without_attribute: torch.Tensor
+    with_count: torch.Tensor
+    without_count: torch.Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attributes": [
+                {"name": name, "images_with": int(self.with_count[m]), "images_without": int(self.without_count[m])}
+                for m, name in enumerate(self.attribute_names)
+            ],
+            "map_size": list(self.with_attribute.shape[-2:]),
+        }
+
+
+def _groups_for(names: tuple[str, ...],
+                groups: Mapping[str, Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
+    """Display groups for the attribute names: the given ones, else a known schema's, else one group."""
+    if groups is None:
+        from torchreid_attrimeter.attributes import available_schemas, get_schema
+
+        for schema_name in available_schemas():
+            schema = get_schema(schema_name)
+            if tuple(schema.attributes) == names:
+                groups = schema.groups
+                break
+    if groups is None:
+        return {"attributes": names}
+    result = {str(group): tuple(members) for group, members in groups.items()}
+    grouped = {name for members in result.values() for name in members}
+    ungrouped = tuple(name for name in names if name not in grouped)
+    if ungrouped:
+        result["other"] = ungrouped
+    return result
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+
+def load_attrimeter_checkpoint(path: str | os.PathLike, *, target_weights: str | os.PathLike | None = None,
+                               trusted: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Re-create the AttriMeter model of an interpreter checkpoint written by ``AttriMeterEngine``.
+
+    The checkpoint holds the interpreter's weights and an ``attrimeter`` record (target name, weights
+    path and sha256, image size, attribute names, schema, metric); the target is rebuilt from the
+    recorded weights file (or ``target_weights`` if it moved), whose sha256 must match.
+    Returns (model in eval mode, the record).
+    """
+    from torchreid_attrimeter.engine import CHECKPOINT_FORMAT
+    from torchreid_attrimeter.models import build_attrimeter
+    from torchreid_attrimeter.models.attrimeter import _sha256
+
+    path = os.fspath(path)
+    checkpoint = compat.load_checkpoint(path, trusted=trusted)
+    record = checkpoint.get("attrimeter") if isinstance(checkpoint, dict) else None
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ExplainError(
+            f"'{path}' is not an AttriMeter interpreter checkpoint (no 'attrimeter' record of format "
+            f"{CHECKPOINT_FORMAT}): give a model.pth.tar-N written by tools/train.py"
+        )
+    target = dict(record["target"])
+    if not target.get("name"):
+        raise ExplainError(
+            f"'{path}' explains a target built from a model object ({target.get('model_class')}), not a "
+            f"torchreid model name, so it cannot be rebuilt from the checkpoint: build the AttriMeter "
+            f"yourself and use Explainer(model, attribute_names, metric, image_size)"
+        )
+    recorded_weights = target.get("weights")
+    weights = os.fspath(target_weights) if target_weights is not None else recorded_weights
+    if weights is None:
+        raise ExplainError(f"'{path}' records no target weights file: pass target_weights=PATH")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"the target weights '{weights}' of the interpreter checkpoint '{path}' are gone (target "
+            f"'{target['name']}', sha256 {str(target.get('weights_sha256'))[:12]}): pass the moved file as "
+            f"target_weights= (tool: --target-weights PATH)"
+        )
+    expected = target.get("weights_sha256")
+    if expected is not None and _sha256(weights) != expected:
+        raise ExplainError(
+            f"the target weights '{weights}' are not the ones the interpreter '{path}' was trained for "
+            f"(sha256 {_sha256(weights)[:12]} instead of {expected[:12]}): the explanation would describe a "
+            f"different model. Use the original weights file."
+        )
+    state_dict = compat.extract_state_dict(checkpoint, source=f"'{path}'")
+    variant = "trunk" if any(key.startswith("interpreter_trunk.") for key in state_dict) else "head"
+    if "head.hidden.weight" not in state_dict:
+        raise ExplainError(f"'{path}' holds no decomposition head weights ('head.hidden.weight')")
+    model = build_attrimeter(
+        target["name"],
+        len(record["attribute_names"]),
+        target_weights=weights,
+        variant=variant,
+        hidden_channels=int(state_dict["head.hidden.weight"].shape[0]),
+        attribute_branch=any(key.startswith("attribute_branch.") for key in state_dict),
+        image_size=tuple(target["image_size"]),
+        trusted=trusted,
+    )
+    model.load_interpreter_state_dict(state_dict)
+    return model.eval(), record

@@ -1,0 +1,370 @@
+"""A self-contained HTML report of ranked lists and their explanations: one file with inline CSS and
+JS and every picture embedded as a base64 data URI, so it opens offline and can be mailed around.
+Also the output-folder policy of the report tools (never overwrite a report silently)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchreid_attrimeter.explain import Explanation, RankingExplanation
+from torchreid_attrimeter.visualize import GROUP_COLOURS, MATCH_COLOURS
+
+REPORT_INDEX = "index.html"
+BARS_SHOWN = 5  # attributes whose bars are always visible on a ranked item; the rest fold out
+
+
+class ReportFolderError(FileExistsError):
+    """The output folder holds something the report would overwrite."""
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, new_folder: bool = False) -> str:
+    """The folder to write a report into.
+
+    A missing or empty folder is used as is. An existing report is replaced only with ``overwrite``;
+    with ``new_folder`` the next free ``<path>-1``, ``<path>-2``, ... is used instead. A non-empty
+    folder that holds no report is never emptied.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
+        os.makedirs(path, exist_ok=True)
+        return path
+    if new_folder:
+        number = 1
+        while os.path.exists(f"{path}-{number}"):
+            number += 1
+        os.makedirs(f"{path}-{number}")
+        return f"{path}-{number}"
+    if not os.path.isdir(path):
+        raise ReportFolderError(f"the output path '{path}' exists and is not a folder: choose another --output")
+    if not os.path.isfile(os.path.join(path, REPORT_INDEX)):
+        raise ReportFolderError(
+            f"the output folder '{path}' is not empty and holds no report ({REPORT_INDEX}): refusing to write "
+            f"into it. Choose an empty or new --output folder."
+        )
+    if not overwrite:
+        raise ReportFolderError(
+            f"the output folder '{path}' already holds a report: pass --overwrite to replace it, or "
+            f"--new-folder to write to the next free '{os.path.basename(path)}-N'"
+        )
+    shutil.rmtree(path)
+    os.makedirs(path)
+    return path
+
+
+@dataclass
+class QueryEntry:
+    """What the report shows for one query: its ranking and the PNGs drawn from it, or the error
+    that prevented explaining it."""
+
+    name: str
+    ranking: RankingExplanation | None = None
+    ranking_png: bytes | None = None
+    pair_pngs: list[bytes] = field(default_factory=list)
+    json_file: str | None = None
+    error: str | None = None
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def image_data_uri(picture) -> str:
+    """(H, W, 3) uint8 array -> PNG data URI."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    return data_uri(buffer.getvalue())
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
+header{padding:16px 24px;background:#263238;color:#fff}
+header h1{margin:0 0 6px 0;font-size:20px}
+header dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px;margin:0;font-size:13px}
+header dt{opacity:.75}
+nav{padding:8px 24px;font-size:13px;border-bottom:1px solid #ddd;background:#fff}
+nav a{margin-right:10px}
+section.query{margin:16px 24px;padding:12px 16px;background:#fff;border:1px solid #ddd;border-radius:6px}
+section.query h2{font-size:16px;margin:0 0 8px 0}
+.notes{font-size:13px;color:#8a4b00;margin:4px 0}
+.error{font-size:13px;color:#b00020;white-space:pre-wrap}
+.ranked{display:flex;gap:10px;overflow-x:auto;align-items:flex-start;padding-bottom:6px}
+.item{flex:0 0 170px;font-size:12px}
+.item img.thumb{display:block;height:128px;border:4px solid #9e9e9e;border-radius:3px;image-rendering:auto}
+.item.query-item img.thumb{border-color:#000}
+.dist{margin:4px 0}
+.bar{display:grid;grid-template-columns:70px 1fr 40px;align-items:center;gap:4px;margin:1px 0}
+.bar .label{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.bar .track{background:#eee;height:9px;border-radius:2px;overflow:hidden}
+.bar .fill{display:block;height:100%}
+.bar .value{text-align:right;font-variant-numeric:tabular-nums}
+.bar.differs .label{font-weight:600}
+details{margin-top:4px}
+summary{cursor:pointer;color:#1565c0}
+.group-name{margin-top:4px;font-weight:600;color:#555}
+button.open-maps{margin-top:6px;cursor:pointer;padding:3px 8px;font-size:12px}
+figure{margin:10px 0 0 0}
+figure img{max-width:100%}
+.viewer{position:fixed;inset:0;background:rgba(0,0,0,.72);display:flex;align-items:center;justify-content:center}
+.viewer[hidden]{display:none}
+.viewer-box{background:#fff;padding:12px;border-radius:6px;max-width:95vw;max-height:95vh;overflow:auto}
+.viewer-box img{max-width:90vw}
+.viewer-box .close{float:right;font-size:18px;cursor:pointer}
+.store{display:none}
+"""
+
+_SCRIPT = """
+(function () {
+  var viewer = document.getElementById('viewer');
+  var viewerImage = document.getElementById('viewer-image');
+  var viewerCaption = document.getElementById('viewer-caption');
+  function openMaps(button) {
+    var stored = document.getElementById(button.getAttribute('data-maps'));
+    viewerImage.src = stored.getAttribute('src');
+    viewerImage.alt = stored.getAttribute('alt');
+    viewerCaption.textContent = stored.getAttribute('alt');
+    viewer.hidden = false;
+    viewer.setAttribute('data-open', button.getAttribute('data-maps'));
+  }
+  function closeMaps() {
+    viewer.hidden = true;
+    viewer.removeAttribute('data-open');
+  }
+  document.querySelectorAll('button.open-maps').forEach(function (button) {
+    button.addEventListener('click', function () { openMaps(button); });
+  });
+  document.getElementById('viewer-close').addEventListener('click', closeMaps);
+  viewer.addEventListener('click', function (event) { if (event.target === viewer) { closeMaps(); } });
+  document.addEventListener('keydown', function (event) { if (event.key === 'Escape') { closeMaps(); } });
+})();
+"""
+
+
+def _bar(name: str, share: float, colour: str, differs: bool | None, largest: float) -> str:
+    """One attribute's share as a bar; lengths are relative to the pair's largest share, so small
+    differences between near-uniform shares stay visible (the number gives the absolute share)."""
+    title = f"{name}: {share:.2%} of the distance" + (" (predicted to differ)" if differs else "")
+    classes = "bar differs" if differs else "bar"
+    return (f'<div class="{classes}" title="{html.escape(title)}"><span class="label">{html.escape(name)}'
+            f'{" *" if differs else ""}</span><span class="track"><span class="fill" style="width:'
+            f'{min(max(share / largest, 0.0), 1.0) * 100:.1f}%;background:{colour}"></span></span>'
+            f'<span class="value">{share:.1%}</span></div>')
+
+
+def _bars(explanation: Explanation) -> str:
+    colours = {group: GROUP_COLOURS[index % len(GROUP_COLOURS)]
+               for index, group in enumerate(explanation.attribute_groups)}
+    parts = {part.name: part for part in explanation.attributes()}
+    largest = max(max(part.share for part in parts.values()), 1e-12)
+    top = "".join(_bar(part.name, part.share, colours[part.group], part.differs, largest)
+                  for part in explanation.top(BARS_SHOWN))
+    grouped = []
+    for group, members in explanation.attribute_groups.items():
+        rows = "".join(_bar(name, parts[name].share, colours[group], parts[name].differs, largest)
+                       for name in members if name in parts)
+        grouped.append(f'<div class="group-name">{html.escape(group)}</div>{rows}')
+    return (f'<div class="bars">{top}</div><details><summary>all {explanation.num_attributes} '
+            f'attributes</summary>{"".join(grouped)}</details>')
+
+
+def _query_section(number: int, entry: QueryEntry) -> tuple[str, str]:
+    """(section HTML, hidden store of pair figures)."""
+    anchor = f"q-{number}"
+    heading = f"Query {number}: {html.escape(entry.name)}"
+    if entry.error is not None or entry.ranking is None:
+        message = entry.error or "no ranking was computed"
+        return ((f'<section class="query failed" id="{anchor}" data-pairs="0"><h2>{heading}</h2>'
+                f'<p class="error">Could not explain this query: {html.escape(message)}</p></section>'), "")
+    ranking = entry.ranking
+    if ranking.query_pid is not None:
+        heading += f" (identity {ranking.query_pid})"
+    notes = "".join(f'<p class="notes">{html.escape(note)}</p>' for note in ranking.notes)
+    items = [(f'<div class="item query-item"><img class="thumb" alt="query" '
+             f'src="{image_data_uri(ranking.query_image)}"><div class="dist">query</div></div>')]
+    store = []
+    for rank, explanation in enumerate(ranking.explanations):
+        match = ranking.matches[rank]
+        maps_id = f"maps-{number}-{rank + 1}"
+        label = {True: "true match", False: "false match", None: "identity unknown"}[match]
+        items.append(
+            f'<div class="item pair" data-rank="{rank + 1}" data-match="{str(match).lower()}">'
+            f'<img class="thumb" style="border-color:{MATCH_COLOURS[match]}" alt="rank {rank + 1}" '
+            f'title="{html.escape(ranking.gallery_sources[rank])} ({label})" '
+            f'src="{image_data_uri(explanation.image_b)}">'
+            f'<div class="dist">#{rank + 1} d={explanation.target_distance:.4f} '
+            f'<span title="interpreter: mean of the attribute components">'
+            f'(interp. {explanation.reconstructed_distance:.4f})</span></div>'
+            f'{_bars(explanation)}'
+            f'<button class="open-maps" type="button" data-maps="{maps_id}">maps</button></div>'
+        )
+        if rank < len(entry.pair_pngs):
+            caption = f"query {number}, rank {rank + 1}: {os.path.basename(ranking.gallery_sources[rank])}"
+            store.append(f'<img id="{maps_id}" alt="{html.escape(caption)}" src="{data_uri(entry.pair_pngs[rank])}">')
+    figure = (f'<figure><img alt="ranked list of query {number}" src="{data_uri(entry.ranking_png)}"></figure>'
+              if entry.ranking_png else "")
+    json_link = (f'<p class="notes"><a href="{html.escape(entry.json_file)}">{html.escape(entry.json_file)}</a></p>'
+                 if entry.json_file else "")
+    section = (f'<section class="query" id="{anchor}" data-pairs="{len(ranking)}"><h2>{heading}</h2>{notes}'
+               f'<div class="ranked">{"".join(items)}</div>{figure}{json_link}</section>')
+    return section, "".join(store)
+
+
+def build_report_html(entries: Sequence[QueryEntry], title: str = "AttriMeter explanations",
+                      info: Mapping[str, Any] | None = None, extra_figures: Mapping[str, bytes] | None = None) -> str:
+    """The whole report as one HTML string (no external resources)."""
+    sections, stores = [], []
+    for number, entry in enumerate(entries, 1):
+        section, store = _query_section(number, entry)
+        sections.append(section)
+        stores.append(store)
+    details = "".join(f"<dt>{html.escape(str(key))}</dt><dd>{html.escape(str(value))}</dd>"
+                      for key, value in (info or {}).items())
+    navigation = "".join(f'<a href="#q-{number}">{html.escape(entry.name)}</a>'
+                         for number, entry in enumerate(entries, 1))
+    extras = "".join(f'<section class="dataset"><h2>{html.escape(name)}</h2><figure><img alt="{html.escape(name)}" '
+                     f'src="{data_uri(png)}"></figure></section>' for name, png in (extra_figures or {}).items())
+    legend = ("Borders: green = same identity as the query, red = another identity, grey = unknown. Bars: "
+              "share of the target's distance per attribute (* = the attribute branch predicts a difference).")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<link rel=\"icon\" href=\"data:,\"><title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        f"<body data-queries=\"{len(entries)}\"><header><h1>{html.escape(title)}</h1><dl>{details}</dl></header>"
+        f"<nav>{navigation}</nav><main><p class=\"notes\" style=\"margin:12px 24px;color:#444\">{legend}</p>"
+        f"{''.join(sections)}{extras}</main>"
+        f"<div class=\"store\">{''.join(stores)}</div>"
+        "<div id=\"viewer\" class=\"viewer\" hidden><div class=\"viewer-box\">"
+        "<button id=\"viewer-close\" class=\"close\" type=\"button\" aria-label=\"close\">&times;</button>"
+        "<img id=\"viewer-image\" alt=\"\"><p id=\"viewer-caption\"></p></div></div>"
+        f"<script>{_SCRIPT}</script></body></html>\n"
+    )
+
+
+def write_json(path: str, data: Any) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, allow_nan=False)
+    return path
+
+
+# --- writing a whole report ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One dataset image: its path and, when known, identity and camera."""
+
+    path: str
+    pid: int | None = None
+    camid: int | None = None
+
+
+@dataclass
+class ReportFiles:
+    """What ``write_report`` wrote (absolute paths)."""
+
+    folder: str
+    index: str
+    pngs: list[str] = field(default_factory=list)
+    jsons: list[str] = field(default_factory=list)
+    failed_queries: list[str] = field(default_factory=list)
+
+
+def _query_stem(number: int) -> str:
+    return f"query-{number:03d}"
+
+
+def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[ImageRecord], folder: str, *,
+                 topk: int = 10, top_attributes: int = 3, info: Mapping[str, Any] | None = None,
+                 average_maps_images: Sequence[ImageRecord] = (), average_maps_labels=None,
+                 title: str = "AttriMeter explanations", dpi: int = 80) -> ReportFiles:
+    """Explain each query against the gallery and write, into ``folder`` (made ready by
+    ``prepare_output_dir``): per query a ranked-list PNG, a pair PNG per ranked item and a JSON; with
+    ``average_maps_images`` and their labels ((N, M) values, (N, M) known) the dataset-level average
+    maps; and ``index.html`` with all of it embedded. ``dpi`` sets the PNGs' resolution (the HTML
+    embeds every figure, so its size grows with dpi squared).
+
+    A query whose image cannot be read is reported in its JSON and in the HTML instead of drawn; an
+    unreadable gallery image stops the report (every ranking would be wrong), naming the file.
+    """
+    from torchreid_attrimeter.data import CorruptImageError
+    from torchreid_attrimeter.explain import ExplainError
+    from torchreid_attrimeter.visualize import (
+        draw_average_maps,
+        draw_pair,
+        draw_ranking,
+        figure_png_bytes,
+    )
+
+    if not queries:
+        raise ExplainError("no queries to explain: choose query images (or a number of random ones)")
+    files = ReportFiles(folder=folder, index=os.path.join(folder, REPORT_INDEX))
+    gallery_paths = [record.path for record in gallery]
+    gallery_pids = [record.pid for record in gallery]
+    gallery_camids = [record.camid for record in gallery]
+    identities_known = all(pid is not None for pid in gallery_pids)
+    cameras_known = all(camid is not None for camid in gallery_camids)
+    gallery_decomposition = explainer.decompose(gallery_paths, keep_maps=False)
+
+    def save_png(png: bytes, name: str) -> None:
+        path = os.path.join(folder, name)
+        with open(path, "wb") as handle:
+            handle.write(png)
+        files.pngs.append(path)
+
+    entries = []
+    for number, query in enumerate(queries, 1):
+        stem = _query_stem(number)
+        entry = QueryEntry(name=os.path.basename(query.path), json_file=f"{stem}.json")
+        try:
+            ranking = explainer.explain_ranking(
+                query.path, gallery_paths, topk,
+                query_pid=query.pid if identities_known else None,
+                gallery_pids=gallery_pids if identities_known else None,
+                query_camid=query.camid if cameras_known else None,
+                gallery_camids=gallery_camids if cameras_known else None,
+                gallery_decomposition=gallery_decomposition,
+            )
+        except (FileNotFoundError, CorruptImageError, ExplainError) as error:
+            entry.error = str(error)
+            files.failed_queries.append(query.path)
+            files.jsons.append(write_json(os.path.join(folder, entry.json_file),
+                                          {"query": query.path, "error": entry.error}))
+            entries.append(entry)
+            continue
+        entry.ranking = ranking
+        figure = draw_ranking(ranking, attributes_per_item=top_attributes, title=f"query {number}")
+        entry.ranking_png = figure_png_bytes(figure, dpi)
+        save_png(entry.ranking_png, f"{stem}_ranking.png")
+        record = ranking.to_dict()
+        for rank, explanation in enumerate(ranking.explanations, 1):
+            png = figure_png_bytes(draw_pair(explanation, k=top_attributes,
+                                             title=f"query {number}, rank {rank}"), dpi)
+            entry.pair_pngs.append(png)
+            save_png(png, f"{stem}_rank-{rank:02d}.png")
+            record["ranked"][rank - 1]["figure"] = f"{stem}_rank-{rank:02d}.png"
+        record["figure"] = f"{stem}_ranking.png"
+        files.jsons.append(write_json(os.path.join(folder, entry.json_file), record))
+        entries.append(entry)
+
+    extra = {}
+    if average_maps_images and average_maps_labels is not None:
+        values, known = average_maps_labels
+        average = explainer.average_maps([record.path for record in average_maps_images], values, known)
+        extra["average attention maps"] = figure_png_bytes(draw_average_maps(average), dpi)
+        save_png(extra["average attention maps"], "average_maps.png")
+        files.jsons.append(write_json(os.path.join(folder, "average_maps.json"),
+                                      {**average.to_dict(), "images": len(average_maps_images)}))
+
+    with open(files.index, "w", encoding="utf-8") as handle:
+        handle.write(build_report_html(entries, title=title, info=info, extra_figures=extra))
+    return files
