@@ -38,4 +38,7 @@ from torchreid_attrimeter.engine import AttriMeterEngine, build_engine
 # -- explanations --
 from torchreid_attrimeter.explain import Explainer, Explanation
 
+# -- faithfulness --
+from torchreid_attrimeter.faithfulness import build_counterfactual_pairs, counterfactual_benchmark, deletion_test
+
 __version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""Faithfulness benchmark of a trained AttriMeter interpreter: counterfactual attribution on the
+synthetic dataset (against uniform, frequency and random-map references) and the feature-level
+deletion test. Prints a table and writes a JSON file (an existing one is never replaced unless
+--overwrite is given).
+
+    python tools/benchmark_faithfulness.py                       (the demo's models in ./demo_output)
+    python tools/benchmark_faithfulness.py --checkpoint RUN/model/model.pth.tar-6 --root DATA_ROOT
+    python tools/benchmark_faithfulness.py --checkpoint CKPT --no-counterfactual --deletion-images market/query
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+from torchreid_attrimeter.attributes import get_schema
+from torchreid_attrimeter.data.synthetic import DATASET_DIR, load_synthetic_plan
+from torchreid_attrimeter.engine import latest_checkpoint
+from torchreid_attrimeter.explain import Explainer
+from torchreid_attrimeter.faithfulness import (
+    attribute_frequencies,
+    build_counterfactual_pairs,
+    counterfactual_benchmark,
+    deletion_test,
+    format_faithfulness_table,
+)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_PID = re.compile(r"^(-?\d+)_")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo-output", default="demo_output",
+                        help="the demo's folder: default checkpoint and root are taken from it")
+    parser.add_argument("--checkpoint", help="interpreter checkpoint (default: latest in <demo-output>/attrimeter)")
+    parser.add_argument("--target-weights", help="the target weights file, if it moved since training")
+    parser.add_argument("--root", help="dataset root holding synthetic_attr/ (default: <demo-output>/data)")
+    parser.add_argument("--output", help="results JSON (default: faithfulness.json next to the checkpoint's run)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    parser.add_argument("--max-images", type=int, default=100,
+                        help="test images to redraw (each gives one pair per attribute); 0 = all")
+    parser.add_argument("--topk", type=int, default=3, help="k of the top-k attribution accuracy")
+    parser.add_argument("--no-counterfactual", action="store_true", help="skip the counterfactual benchmark")
+    parser.add_argument("--deletion-images", help="folder of images for the deletion test (default: the "
+                        "synthetic query and gallery images)")
+    parser.add_argument("--deletion-pairs", type=int, default=300,
+                        help="random pairs of different identities for the deletion test; 0 = skip it")
+    parser.add_argument("--area", type=float, default=0.2, help="fraction of the feature map removed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--trusted", action="store_true", help="allow full unpickling of the checkpoint")
+    return parser.parse_args(argv)
+
+
+def resolve_paths(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(checkpoint, dataset root, output JSON) from the arguments, with clear errors."""
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = latest_checkpoint(os.path.join(args.demo_output, "attrimeter"))
+        if checkpoint is None:
+            raise SystemExit(f"no interpreter checkpoint in '{args.demo_output}/attrimeter/model': run "
+                             f"python tools/demo.py first, or pass --checkpoint PATH")
+    if not os.path.isfile(checkpoint):
+        raise SystemExit(f"--checkpoint '{checkpoint}' does not exist")
+    root = args.root or os.path.join(args.demo_output, "data")
+    output = args.output or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))),
+                                         "faithfulness.json")
+    if os.path.exists(output) and not args.overwrite:
+        raise SystemExit(f"the results file '{output}' exists: pass --overwrite to replace it or --output "
+                         f"for another file")
+    return checkpoint, root, output
+
+
+def image_files(folders: list[str]) -> list[str]:
+    files = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise SystemExit(f"image folder '{folder}' does not exist")
+        files += sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                        if name.lower().endswith(IMAGE_SUFFIXES))
+    if len(files) < 2:
+        raise SystemExit(f"the deletion test needs at least 2 images in {folders}, found {len(files)}")
+    return files
+
+
+def deletion_pairs(files: list[str], count: int, seed: int) -> tuple[list[str], list[str]]:
+    """Random pairs of images; when file names start with a person id (Market / Duke style), of two
+    different labelled identities (junk -1 and distractors 0 left out)."""
+    pids = [_PID.match(os.path.basename(path)) for path in files]
+    if all(pids):
+        labelled = [(path, int(match.group(1))) for path, match in zip(files, pids) if int(match.group(1)) > 0]
+    else:
+        labelled = [(path, index) for index, path in enumerate(files)]
+    if len({pid for _, pid in labelled}) < 2:
+        raise SystemExit("the deletion test needs images of at least 2 identities")
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    while len(first) < count:
+        i, j = rng.integers(len(labelled), size=2)
+        if labelled[i][1] != labelled[j][1]:
+            first.append(labelled[i][0])
+            second.append(labelled[j][0])
+    return first, second
+
+
+def run(args: argparse.Namespace) -> dict:
+    checkpoint, root, output = resolve_paths(args)
+    explainer = Explainer.from_checkpoint(checkpoint, target_weights=args.target_weights, trusted=args.trusted,
+                                          device="cpu", batch_size=args.batch_size)
+    record = explainer.checkpoint_record
+    results: dict = {"checkpoint": os.path.abspath(checkpoint), "target": record["target"],
+                     "metric": explainer.metric, "seed": args.seed}
+    start = time.time()
+    if not args.no_counterfactual:
+        schema = get_schema(record["schema"])
+        plan = load_synthetic_plan(root)
+        pairs = build_counterfactual_pairs(plan, schema, max_images=args.max_images or None, seed=args.seed)
+        print(f"=> {len(pairs)} counterfactual pairs rendered ({time.time() - start:.0f} s)", flush=True)
+        results["dataset_root"] = os.path.abspath(root)
+        results["counterfactual"] = counterfactual_benchmark(
+            explainer, pairs, schema, attribute_frequencies(plan, schema), ks=(1, args.topk), seed=args.seed,
+            batch_size=args.batch_size)
+        print(f"=> counterfactual benchmark done ({time.time() - start:.0f} s)", flush=True)
+    if args.deletion_pairs > 0:
+        folders = ([args.deletion_images] if args.deletion_images else
+                   [os.path.join(root, DATASET_DIR, folder) for folder in ("query", "bounding_box_test")])
+        first, second = deletion_pairs(image_files(folders), args.deletion_pairs, args.seed)
+        results["deletion"] = deletion_test(explainer, first, second, area=args.area, seed=args.seed,
+                                            batch_size=args.batch_size)
+        results["deletion"]["images"] = [os.path.abspath(folder) for folder in folders]
+    results["seconds"] = time.time() - start
+    print(format_faithfulness_table(results))
+    mode = "w" if args.overwrite else "x"  # 'x' fails instead of replacing a file made meanwhile
+    with open(output, mode, encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2, sort_keys=True)
+    print(f"=> Results written to {output}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,464 @@
+"""Faithfulness of an AttriMeter interpreter, measured where the right answer is known.
+
+Two tests:
+
+- **Counterfactual attribution** (synthetic dataset only): each test image is redrawn with the same
+  identity, camera and pose but exactly one attribute (or one colour) changed
+  (``data.synthetic.render_counterfactual``). The target's distance between the two images is caused
+  by that change alone, so a faithful interpreter gives the changed attribute(s) the largest share.
+  Measured: top-1 / top-k attribution accuracy and the share given to the changed attribute(s), for the
+  interpreter and for three references that know nothing about attributes: uniform shares, shares
+  proportional to the attributes' frequency in the training labels, and a random-map interpreter
+  (the same target and tail, random positive maps).
+- **Feature-level deletion** (any images): for a pair, the region where the top attribute's map is
+  largest is removed from the target's feature map F of both images (F ⊙ (1 − mask) through the
+  target's own tail), and the drop of the target distance is compared with removing a random region
+  of the same area. A map that points at what drives the distance removes more of it.
+
+Every distance and share comes from ``decomposition.pairwise_components``; images are preprocessed by
+the ``Explainer`` (torchreid's test transform).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from torchreid_attrimeter.attributes import AttributeSchema
+from torchreid_attrimeter.data.synthetic import (
+    BINARY_ATTRIBUTES,
+    LOWER_COLOURS,
+    UPPER_COLOURS,
+    IdentitySpec,
+    SyntheticPlan,
+    render_counterfactual,
+    render_person,
+)
+from torchreid_attrimeter.decomposition import Decomposition, pairwise_components, pairwise_distance
+from torchreid_attrimeter.models.head import positive_map
+
+__all__ = [
+    "CounterfactualPair",
+    "FaithfulnessError",
+    "attribute_frequencies",
+    "build_counterfactual_pairs",
+    "changed_attributes",
+    "counterfactual_benchmark",
+    "decompose_with_maps",
+    "deletion_test",
+    "format_faithfulness_table",
+    "identity_labels",
+    "pair_shares",
+    "random_positive_maps",
+    "score_attribution",
+    "topk_hit_rate",
+]
+
+TEST_FOLDERS = ("query", "bounding_box_test")
+
+
+class FaithfulnessError(ValueError):
+    """An input the faithfulness benchmark cannot use, named in the message."""
+
+
+# --- counterfactual pairs ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CounterfactualPair:
+    """One image of the dataset and its redrawing with one change.
+
+    changed: schema indices whose label differs between the two (1 for a binary attribute, 2 for a
+        colour change: the old colour goes off, the new one on).
+    """
+
+    image_name: str
+    kind: str  # what was changed: a binary attribute ('hat') or 'upper colour' / 'lower colour'
+    change: str  # e.g. 'hat' or 'upper colour upred -> upblue'
+    changed: tuple[int, ...]
+    original: Image.Image
+    counterfactual: Image.Image
+
+
+def identity_labels(schema: AttributeSchema, identity: IdentitySpec) -> np.ndarray:
+    """(M,) 0/1 labels of a synthetic identity in the schema's order (read through the schema's
+    file-field mapping, as the dataset's attribute file would be)."""
+    labels = identity.market_labels()
+    missing = sorted({schema.sources[name][0] for name in schema.attributes} - set(labels))
+    if missing:
+        raise FaithfulnessError(
+            f"schema '{schema.name}' reads fields {missing} that the synthetic dataset does not draw: "
+            f"use the 'market1501' schema for synthetic_attr"
+        )
+    return np.array([labels[schema.sources[name][0]] == schema.sources[name][1] for name in schema.attributes],
+                    dtype=np.int64)
+
+
+def changed_attributes(schema: AttributeSchema, before: IdentitySpec, after: IdentitySpec) -> tuple[int, ...]:
+    """Schema indices whose label differs between two identities."""
+    return tuple(int(m) for m in np.flatnonzero(identity_labels(schema, before) != identity_labels(schema, after)))
+
+
+def _change_for(attribute: str, identity: IdentitySpec, rng: np.random.Generator) -> tuple[str, str | None] | None:
+    """The generator change that flips schema attribute ``attribute`` for ``identity``, or None when
+    the generator cannot change it alone (e.g. one age class)."""
+    if attribute in BINARY_ATTRIBUTES:
+        return attribute, None
+    for key, palette in (("upper_colour", UPPER_COLOURS), ("lower_colour", LOWER_COLOURS)):
+        if attribute in palette:
+            if getattr(identity, key) != attribute:
+                return key, attribute  # this colour goes on (the current one off)
+            others = [colour for colour in palette if colour != attribute]
+            return key, str(rng.choice(others))  # this colour goes off (a random other one on)
+    return None
+
+
+def build_counterfactual_pairs(plan: SyntheticPlan, schema: AttributeSchema, *,
+                               folders: Sequence[str] = TEST_FOLDERS, max_images: int | None = None,
+                               attributes: Sequence[str] | None = None, seed: int = 0) -> list[CounterfactualPair]:
+    """For each chosen image of ``plan`` (its folders, test identities by default; ``max_images``
+    picked evenly by a seeded shuffle) and each schema attribute (or ``attributes``), the image and
+    its redrawing with that attribute flipped; image size as in the plan."""
+    names = list(schema.attributes if attributes is None else attributes)
+    unknown = [name for name in names if name not in schema.attributes]
+    if unknown:
+        raise FaithfulnessError(f"attributes {unknown} are not in schema '{schema.name}' ({schema.attributes})")
+    images = [planned for planned in plan.images if planned.folder in folders and planned.identity is not None
+              and planned.identity.pid > 0]
+    if not images:
+        raise FaithfulnessError(f"the synthetic plan has no labelled images in folders {list(folders)}")
+    rng = np.random.default_rng(seed)
+    if max_images is not None and max_images < len(images):
+        images = [images[i] for i in sorted(rng.choice(len(images), size=max_images, replace=False))]
+    size = (int(plan.parameters["image_height"]), int(plan.parameters["image_width"]))
+    pairs = []
+    for planned in images:
+        original = render_person(planned.identity, planned.camera, planned.view, size)
+        for name in names:
+            change = _change_for(name, planned.identity, rng)
+            if change is None:
+                continue
+            image, changed_identity = render_counterfactual(planned.identity, planned.camera, planned.view,
+                                                            change[0], change[1], size)
+            kind = change[0].replace("_", " ")
+            label = kind if change[1] is None else f"{kind} {getattr(planned.identity, change[0])} -> {change[1]}"
+            pairs.append(CounterfactualPair(planned.name, kind, label,
+                                            changed_attributes(schema, planned.identity, changed_identity),
+                                            original, image))
+    if not pairs:
+        raise FaithfulnessError(f"none of the attributes {names} can be changed by the synthetic generator")
+    return pairs
+
+
+def attribute_frequencies(plan: SyntheticPlan, schema: AttributeSchema) -> torch.Tensor:
+    """(M,) positive ratio of each attribute over the plan's training identities."""
+    if not plan.train_pids:
+        raise FaithfulnessError("the synthetic plan has no training identities to count attribute frequencies")
+    labels = np.stack([identity_labels(schema, plan.identities[pid]) for pid in plan.train_pids])
+    return torch.as_tensor(labels.mean(axis=0), dtype=torch.float32)
+
+
+# --- shares of aligned pairs ---------------------------------------------------------------------------
+
+
+def _split_of(model: torch.nn.Module):
+    # The AttriMeter's stem/trunk/tail split of its frozen target: the deletion test and the random-map
+    # reference must run the target's own path from F to the embedding, which the model keeps there.
+    split = getattr(model, "_split", None)
+    if split is None:
+        raise FaithfulnessError(f"{type(model).__name__} is not an AttriMeter model (build_attrimeter)")
+    return split
+
+
+@torch.no_grad()
+def target_features(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The target's last feature map F (B, C, h, w) and its context for model inputs (B, 3, H, W)."""
+    split = _split_of(model)
+    return split.trunk(split.stem(inputs))
+
+
+@torch.no_grad()
+def decompose_with_maps(model: torch.nn.Module, inputs: torch.Tensor, maps: torch.Tensor) -> Decomposition:
+    """A Decomposition of the model's target with given maps (B, M, h, w) instead of the interpreter's."""
+    split = _split_of(model)
+    feature_map, context = target_features(model, inputs)
+    if maps.shape[0] != inputs.shape[0] or maps.shape[2:] != feature_map.shape[2:]:
+        raise FaithfulnessError(f"maps {tuple(maps.shape)} do not fit the feature map {tuple(feature_map.shape)}")
+    return Decomposition(split.tail(feature_map, context), split.tail_of_products(feature_map, maps, context),
+                         maps)
+
+
+def random_positive_maps(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """Random positive maps: the interpreter head's own positive activation of standard normal logits."""
+    return positive_map(torch.randn(*shape, generator=generator))
+
+
+def _diagonal_shares(first: Decomposition, second: Decomposition, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned pairs (i with i): target distance (B,) and shares (B, M)."""
+    distances = pairwise_components(first, second, metric)
+    index = torch.arange(len(first))
+    return distances.target_distance[index, index], distances.shares[index, index]
+
+
+def pair_shares(explainer, images_a: Sequence, images_b: Sequence, *, random_maps_seed: int | None = None,
+                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target distance (N,) and shares (N, M) of aligned pairs (images_a[i], images_b[i]).
+
+    With ``random_maps_seed`` the interpreter's maps are replaced by random positive maps, the same
+    maps for both images of a pair (so the reference sees the image change, not map noise).
+    """
+    if len(images_a) != len(images_b):
+        raise FaithfulnessError(f"{len(images_a)} first images for {len(images_b)} second images")
+    generator = torch.Generator().manual_seed(int(random_maps_seed or 0))
+    distances, shares = [], []
+    for start in range(0, len(images_a), batch_size):
+        inputs_a, _ = explainer.prepare(images_a[start:start + batch_size])
+        inputs_b, _ = explainer.prepare(images_b[start:start + batch_size])
+        inputs_a, inputs_b = inputs_a.to(explainer.device), inputs_b.to(explainer.device)
+        if random_maps_seed is None:
+            with torch.no_grad():
+                first = explainer.model.decompose(inputs_a).detach()
+                second = explainer.model.decompose(inputs_b).detach()
+        else:
+            size = target_features(explainer.model, inputs_a[:1])[0].shape[2:]
+            maps = random_positive_maps((len(inputs_a), len(explainer.attribute_names), *size), generator)
+            maps = maps.to(explainer.device)
+            first = decompose_with_maps(explainer.model, inputs_a, maps)
+            second = decompose_with_maps(explainer.model, inputs_b, maps)
+        distance, share = _diagonal_shares(first.to("cpu"), second.to("cpu"), explainer.metric)
+        distances.append(distance)
+        shares.append(share)
+    return torch.cat(distances), torch.cat(shares)
+
+
+# --- scoring ---------------------------------------------------------------------------------------------
+
+
+def topk_hit_rate(scores: torch.Tensor, relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) probability that a relevant item is among the k highest ``scores`` (N, M), ties broken
+    uniformly at random (so uniform scores give the chance rate, not an artefact of sort order)."""
+    scores, relevant = scores.double(), relevant.bool()
+    if not bool(relevant.any(dim=1).all()):
+        raise FaithfulnessError("every pair needs at least one relevant (changed) attribute")
+    best = scores.masked_fill(~relevant, -math.inf).max(dim=1, keepdim=True).values
+    ahead = (scores > best).sum(dim=1).double()
+    tied = (scores == best).sum(dim=1).double()
+    tied_relevant = ((scores == best) & relevant).sum(dim=1).double()
+    slots = (k - ahead).clamp_min(0)
+    # P(no relevant among `slots` random picks of the tied items) = prod_i (tied - r - i) / (tied - i)
+    none_picked = torch.ones_like(tied)
+    for i in range(k):
+        factor = ((tied - tied_relevant - i) / (tied - i).clamp_min(1)).clamp(0, 1)
+        none_picked = torch.where(slots > i, none_picked * factor, none_picked)
+    return torch.where(slots > 0, 1.0 - none_picked, torch.zeros_like(none_picked))
+
+
+def score_attribution(shares: torch.Tensor, changed: torch.Tensor, ks: Sequence[int] = (1, 3),
+                      group_relevant: torch.Tensor | None = None) -> dict[str, float]:
+    """Attribution scores of shares (N, M) against the changed attributes (N, M) bool, in %:
+    ``top{k}`` accuracies, ``changed_share`` (mean share given to the changed attributes) and, with
+    ``group_relevant`` (N, M), ``top1_group`` (the top attribute is in the changed attribute's group)."""
+    changed = changed.bool()
+    result = {f"top{k}": 100.0 * float(topk_hit_rate(shares, changed, k).mean()) for k in ks}
+    result["changed_share"] = 100.0 * float((shares * changed).sum(dim=1).mean())
+    if group_relevant is not None:
+        result["top1_group"] = 100.0 * float(topk_hit_rate(shares, group_relevant, 1).mean())
+    return result
+
+
+def _group_mask(schema: AttributeSchema, changed: torch.Tensor) -> torch.Tensor:
+    group_index = torch.tensor([list(schema.groups).index(schema.group_of(name)) for name in schema.attributes])
+    changed_groups = torch.zeros(len(changed), len(schema.groups), dtype=torch.bool)
+    rows, columns = changed.nonzero(as_tuple=True)
+    changed_groups[rows, group_index[columns]] = True
+    return changed_groups[:, group_index]
+
+
+def counterfactual_benchmark(explainer, pairs: Sequence[CounterfactualPair], schema: AttributeSchema,
+                             frequencies: torch.Tensor, *, ks: Sequence[int] = (1, 3), seed: int = 0,
+                             batch_size: int = 64) -> dict[str, Any]:
+    """Attribution accuracy of the explainer's interpreter on counterfactual pairs, and of the
+    uniform, frequency and random-map references. Returns a JSON-safe dict: ``methods`` (name ->
+    scores, see ``score_attribution``, plus ``top1_macro``: top-1 averaged over the kinds of change),
+    ``per_change`` (interpreter top-1 and changed share per changed
+    attribute / colour group), ``chance_top1`` (mean |changed| / M) and pair counts."""
+    if tuple(explainer.attribute_names) != tuple(schema.attributes):
+        raise FaithfulnessError(
+            f"the interpreter explains {len(explainer.attribute_names)} attributes "
+            f"({', '.join(explainer.attribute_names[:4])}, ...) but the schema '{schema.name}' has "
+            f"{schema.num_attributes}: use the schema the interpreter was trained with"
+        )
+    if not pairs:
+        raise FaithfulnessError("no counterfactual pairs to measure")
+    num_attributes = schema.num_attributes
+    frequencies = torch.as_tensor(frequencies, dtype=torch.float32)
+    if frequencies.shape != (num_attributes,) or bool((frequencies < 0).any()):
+        raise FaithfulnessError(f"frequencies must be ({num_attributes},) non-negative, got {tuple(frequencies.shape)}")
+    changed = torch.zeros(len(pairs), num_attributes, dtype=torch.bool)
+    for row, pair in enumerate(pairs):
+        changed[row, list(pair.changed)] = True
+    originals = [pair.original for pair in pairs]
+    counterfactuals = [pair.counterfactual for pair in pairs]
+    distance, interpreter_shares = pair_shares(explainer, originals, counterfactuals, batch_size=batch_size)
+    _, random_shares = pair_shares(explainer, originals, counterfactuals, random_maps_seed=seed + 1,
+                                   batch_size=batch_size)
+    references = {
+        "uniform": torch.full((len(pairs), num_attributes), 1.0 / num_attributes),
+        "frequency": (frequencies / frequencies.sum().clamp_min(1e-12)).expand(len(pairs), -1),
+        "random_maps": random_shares,
+    }
+    groups = _group_mask(schema, changed)
+    kinds = [pair.kind for pair in pairs]
+    kind_rows = {kind: torch.tensor([k == kind for k in kinds]) for kind in dict.fromkeys(kinds)}
+    methods = {}
+    for name, shares in {"interpreter": interpreter_shares, **references}.items():
+        methods[name] = score_attribution(shares, changed, ks, groups)
+        # every kind of change weighs the same (an image gives 17 colour pairs but one pair per binary)
+        top1 = topk_hit_rate(shares, changed, 1)
+        methods[name]["top1_macro"] = 100.0 * float(torch.stack([top1[rows].mean() for rows in kind_rows.values()]
+                                                                ).mean())
+    top1 = topk_hit_rate(interpreter_shares, changed, 1)
+    per_change = {
+        kind: {
+            "pairs": int(rows.sum()),
+            "mean_target_distance": float(distance[rows].mean()),
+            "top1": 100.0 * float(top1[rows].mean()),
+            "changed_share": 100.0 * float((interpreter_shares[rows] * changed[rows]).sum(dim=1).mean()),
+        }
+        for kind, rows in kind_rows.items()
+    }
+    return {
+        "pairs": len(pairs),
+        "images": len({pair.image_name for pair in pairs}),
+        "zero_distance_pairs": int((distance <= 1e-6).sum()),
+        "mean_target_distance": float(distance.mean()),
+        "chance_top1": 100.0 * float(changed.sum(dim=1).float().mean() / num_attributes),
+        "methods": methods,
+        "per_change": per_change,
+    }
+
+
+# --- deletion --------------------------------------------------------------------------------------------
+
+
+def _top_region(maps: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, h, w) maps -> (B, h, w) masks of their ``count`` largest positions."""
+    flat = maps.flatten(1)
+    mask = torch.zeros_like(flat)
+    mask.scatter_(1, flat.topk(count, dim=1).indices, 1.0)
+    return mask.reshape(maps.shape)
+
+
+def _random_region(shape: Sequence[int], count: int, generator: torch.Generator) -> torch.Tensor:
+    batch, height, width = shape
+    order = torch.rand(batch, height * width, generator=generator).argsort(dim=1)[:, :count]
+    mask = torch.zeros(batch, height * width)
+    mask.scatter_(1, order, 1.0)
+    return mask.reshape(batch, height, width)
+
+
+@torch.no_grad()
+def _distance_without(explainer, features: tuple, mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
+    """(B,) target distances of aligned pairs after removing masks (B, h, w) from their feature maps."""
+    split = _split_of(explainer.model)
+    feature_a, context_a, feature_b, context_b = features
+    embedding_a = split.tail(feature_a * (1.0 - mask_a).unsqueeze(1).to(feature_a), context_a).cpu()
+    embedding_b = split.tail(feature_b * (1.0 - mask_b).unsqueeze(1).to(feature_b), context_b).cpu()
+    return pairwise_distance(embedding_a.unsqueeze(1), embedding_b.unsqueeze(1), explainer.metric)[:, 0, 0]
+
+
+@torch.no_grad()
+def deletion_test(explainer, images_a: Sequence, images_b: Sequence, *, area: float = 0.2,
+                  random_draws: int = 5, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+    """Remove, from the target feature map F of both images of each aligned pair, the ``area``
+    fraction of positions where the top attribute's map (largest share of the pair) is largest, and
+    compare the relative drop of the target distance with removing random regions of equal area.
+
+    Returns (JSON-safe): ``top_map_drop`` and ``random_drop`` (mean relative drop, %),
+    ``top_beats_random`` (% of pairs where the top map removes more than the mean random region),
+    ``positions_removed`` and pair counts. Pairs at distance zero are skipped (nothing to remove).
+    """
+    if len(images_a) != len(images_b):
+        raise FaithfulnessError(f"{len(images_a)} first images for {len(images_b)} second images")
+    if not 0.0 < area < 1.0:
+        raise FaithfulnessError(f"area must be a fraction in (0, 1), got {area}")
+    if random_draws < 1:
+        raise FaithfulnessError(f"random_draws must be at least 1, got {random_draws}")
+    generator = torch.Generator().manual_seed(seed)
+    top_drops, random_drops, skipped, count = [], [], 0, 0
+    for start in range(0, len(images_a), batch_size):
+        inputs_a, _ = explainer.prepare(images_a[start:start + batch_size])
+        inputs_b, _ = explainer.prepare(images_b[start:start + batch_size])
+        first = explainer.model.decompose(inputs_a.to(explainer.device)).to("cpu")
+        second = explainer.model.decompose(inputs_b.to(explainer.device)).to("cpu")
+        distance, shares = _diagonal_shares(first, second, explainer.metric)
+        top = shares.argmax(dim=1)
+        rows = torch.arange(len(top))
+        feature_a, context_a = target_features(explainer.model, inputs_a.to(explainer.device))
+        feature_b, context_b = target_features(explainer.model, inputs_b.to(explainer.device))
+        height, width = feature_a.shape[2:]
+        count = max(1, round(area * height * width))
+
+        features = (feature_a, context_a, feature_b, context_b)
+        top_distance = _distance_without(explainer, features, _top_region(first.maps[rows, top], count),
+                                         _top_region(second.maps[rows, top], count))
+        random_distance = torch.stack([
+            _distance_without(explainer, features, _random_region((len(top), height, width), count, generator),
+                              _random_region((len(top), height, width), count, generator))
+            for _ in range(random_draws)
+        ]).mean(dim=0)
+        valid = distance > 1e-6
+        skipped += int((~valid).sum())
+        top_drops.append(((distance - top_distance) / distance.clamp_min(1e-12))[valid])
+        random_drops.append(((distance - random_distance) / distance.clamp_min(1e-12))[valid])
+    top_drop, random_drop = torch.cat(top_drops), torch.cat(random_drops)
+    if len(top_drop) == 0:
+        raise FaithfulnessError("every pair is at target distance zero: nothing to delete")
+    return {
+        "pairs": len(top_drop),
+        "skipped_zero_distance": skipped,
+        "area": float(area),
+        "positions_removed": int(count),
+        "random_draws": int(random_draws),
+        "top_map_drop": 100.0 * float(top_drop.mean()),
+        "random_drop": 100.0 * float(random_drop.mean()),
+        "top_beats_random": 100.0 * float((top_drop > random_drop).double().mean()),
+    }
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+
+def format_faithfulness_table(results: dict[str, Any]) -> str:
+    """A plain-text table of ``counterfactual_benchmark`` and/or ``deletion`` results."""
+    lines = []
+    counterfactual = results.get("counterfactual")
+    if counterfactual:
+        methods = counterfactual["methods"]
+        columns = list(next(iter(methods.values())))
+        lines.append(f"Counterfactual attribution: {counterfactual['pairs']} pairs from "
+                     f"{counterfactual['images']} images (chance top-1 {counterfactual['chance_top1']:.1f} %)")
+        lines.append(f"{'method':<14s}" + "".join(f"{column:>15s}" for column in columns))
+        for name, scores in methods.items():
+            lines.append(f"{name:<14s}" + "".join(f"{scores[column]:>15.2f}" for column in columns))
+        lines.append("")
+        lines.append(f"{'changed':<18s}{'pairs':>7s}{'distance':>10s}{'top1':>9s}{'share':>9s}   (interpreter)")
+        for kind, scores in counterfactual["per_change"].items():
+            lines.append(f"{kind:<18s}{scores['pairs']:>7d}{scores['mean_target_distance']:>10.3f}"
+                         f"{scores['top1']:>9.2f}{scores['changed_share']:>9.2f}")
+    deletion = results.get("deletion")
+    if deletion:
+        if lines:
+            lines.append("")
+        lines.append(f"Deletion ({deletion['pairs']} pairs, {deletion['positions_removed']} positions = "
+                     f"{100 * deletion['area']:.0f} % of F removed):")
+        lines.append(f"  top attribute's map: distance drop {deletion['top_map_drop']:.2f} %")
+        lines.append(f"  random region (mean of {deletion['random_draws']}): {deletion['random_drop']:.2f} %")
+        lines.append(f"  top map removes more than random in {deletion['top_beats_random']:.1f} % of pairs")
+    return "\n".join(lines)
