@@ -53,7 +53,7 @@ def finished_target(save_dir: str, max_epoch: int) -> str | None:
 
 
 def train_target(cfg) -> str:
-    """torchreid's scripts/main.py flow for an image-softmax model, with torchreid's own engine."""
+    """torchreid's scripts/main.py flow for an image model, with its own softmax or triplet engine."""
     existing = finished_target(cfg.data.save_dir, cfg.train.max_epoch)
     if existing:
         print(f"=> Reusing the trained target {existing}")
@@ -64,8 +64,15 @@ def train_target(cfg) -> str:
                                pretrained=cfg.model.pretrained, use_gpu=cfg.use_gpu)
     optimizer = compat.build_optimizer(model, **optimizer_kwargs(cfg))
     scheduler = compat.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
-    engine = compat.ImageSoftmaxEngine(datamanager, model, optimizer=optimizer, scheduler=scheduler,
-                                       use_gpu=cfg.use_gpu, label_smooth=cfg.loss.softmax.label_smooth)
+    if cfg.loss.name == "softmax":
+        engine = compat.ImageSoftmaxEngine(datamanager, model, optimizer=optimizer, scheduler=scheduler,
+                                           use_gpu=cfg.use_gpu, label_smooth=cfg.loss.softmax.label_smooth)
+    else:
+        engine = compat.ImageTripletEngine(
+            datamanager, model, optimizer=optimizer, margin=cfg.loss.triplet.margin,
+            weight_t=cfg.loss.triplet.weight_t, weight_x=cfg.loss.triplet.weight_x, scheduler=scheduler,
+            use_gpu=cfg.use_gpu, label_smooth=cfg.loss.softmax.label_smooth,
+        )
     engine.run(**engine_run_kwargs(cfg))
     path = finished_target(cfg.data.save_dir, cfg.train.max_epoch)
     if path is None:
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
         "data.root", data_root, "data.save_dir", os.path.join(output, "target"),
         "data.workers", str(args.workers), "use_gpu", str(use_gpu),
     ])
-    target_weights = _step("2/3 target (torchreid ImageSoftmaxEngine)", timings, train_target, target_cfg)
+    target_weights = _step(f"2/3 target (torchreid engine, {target_cfg.loss.name} loss)", timings,
+                           train_target, target_cfg)
 
     attrimeter_cfg = load_config(ATTRIMETER_CONFIG, [
         "data.root", data_root, "data.save_dir", os.path.join(output, "attrimeter"),

@@ -6,6 +6,10 @@ torchreid's ``scripts/main.py`` flow (config file, then ``KEY VALUE`` overrides,
     python tools/train.py --config-file configs/attrimeter_synthetic_demo.yaml [KEY VALUE ...]
     python tools/train.py --config-file CFG --resume auto          # continue an interrupted run
     python tools/train.py --config-file CFG --evaluate             # evaluate the latest checkpoint
+    torchrun --nproc_per_node 2 tools/train.py --config-file CFG   # DistributedDataParallel
+
+Under torchrun every process runs the same flow with its share of each (global) train.batch_size;
+rank 0 alone evaluates and writes the log, checkpoints and results (torchreid_attrimeter/distributed.py).
 
 The final metrics are printed as a table and written to ``<save_dir>/results-<time>.json``.
 """
@@ -13,6 +17,7 @@ The final metrics are printed as a table and written to ``<save_dir>/results-<ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -27,6 +32,13 @@ from torchreid_attrimeter.config import (
     check_attrimeter_config,
     engine_run_kwargs,
     load_config,
+)
+from torchreid_attrimeter.distributed import (
+    DistributedError,
+    init_distributed,
+    make_engine_distributed,
+    on_main_process,
+    run_on_every_rank,
 )
 from torchreid_attrimeter.engine import ResumeError, build_engine, latest_checkpoint
 
@@ -139,17 +151,43 @@ class _LogFile:
 
 
 def run(cfg) -> dict:
-    """Build everything from ``cfg``, train and/or evaluate; returns the results record."""
+    """Build everything from ``cfg``, train and/or evaluate; returns the results record.
+
+    Started by torchrun, every process runs this: training with DistributedDataParallel, and
+    rank 0 alone evaluating and writing the log, checkpoints and results.
+    """
+    check_attrimeter_config(cfg)
+    context = init_distributed(cfg)  # None without torchrun
+    try:
+        return _run(cfg, context)
+    finally:
+        if context is not None:
+            context.shutdown()
+
+
+def _run(cfg, context) -> dict:
     from torchreid_attrimeter.evaluation import format_table
 
-    check_attrimeter_config(cfg)
+    main = context is None or context.is_main
     compat.set_random_seed(cfg.train.seed)
-    with _LogFile(new_log_path(cfg.data.save_dir, "test.log" if cfg.test.evaluate else "train.log")):
+    with contextlib.ExitStack() as stack:
+        if main:
+            stack.enter_context(_LogFile(new_log_path(
+                cfg.data.save_dir, "test.log" if cfg.test.evaluate else "train.log")))
+        else:  # rank 0 reports for everyone; errors still reach stderr
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         print(f"Show configuration\n{cfg}\n")
         print(f"torchreid: {compat.TORCHREID_FLAVOUR}, torch {torch.__version__}")
-        engine = build_engine(cfg)
-        resume = resolve_resume(cfg)
-        start_epoch = engine.resume(resume) if resume else cfg.train.start_epoch
+        if context is not None:
+            print(f"torchrun: {context.world_size} processes ({context.backend}), train.batch_size "
+                  f"{cfg.train.batch_size} = {cfg.train.batch_size // context.world_size} per process")
+        engine = run_on_every_rank(context, build_engine, cfg, what="building the engine")
+        resume = on_main_process(context, resolve_resume, cfg, what="finding the checkpoint to resume")
+        start_epoch = (run_on_every_rank(context, engine.resume, resume, what=f"resuming from '{resume}'")
+                       if resume else cfg.train.start_epoch)
+        if context is not None:
+            compat.set_random_seed(cfg.train.seed + context.rank)  # own data augmentation per rank
+            make_engine_distributed(engine, cfg, context)
         run_kwargs = engine_run_kwargs(cfg)
         run_kwargs["start_epoch"] = start_epoch
         engine.run(**run_kwargs)
@@ -163,11 +201,12 @@ def run(cfg) -> dict:
             "metric": engine.metric,
             "datasets": engine.test_results,
         }
-        print("=> Final results")
-        for name, results in engine.test_results.items():
-            print(f"##### {name} #####\n{format_table(results)}")
-        path = save_results(record, cfg.data.save_dir)
-        print(f'Results saved to "{path}"')
+        if main:
+            print("=> Final results")
+            for name, results in engine.test_results.items():
+                print(f"##### {name} #####\n{format_table(results)}")
+            path = save_results(record, cfg.data.save_dir)
+            print(f'Results saved to "{path}"')
     return record
 
 
@@ -179,6 +218,6 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, ResumeError, compat.CheckpointError, AttributeFileError, FileExistsError,
-            FileNotFoundError) as error:
+            FileNotFoundError, DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -87,6 +87,7 @@ build_transforms = _require("data.transforms.build_transforms")
 Logger = _require("utils.Logger")
 collect_env_info = _require("utils.collect_env_info")
 ImageSoftmaxEngine = _require("engine.ImageSoftmaxEngine")
+ImageTripletEngine = _require("engine.ImageTripletEngine")
 TorchreidMarket1501 = _require("data.datasets.Market1501")
 TorchreidDukeMTMCreID = _require("data.datasets.DukeMTMCreID")
 

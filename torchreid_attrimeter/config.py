@@ -89,6 +89,8 @@ def get_default_config() -> CN:
     cfg.train.weight_decay = 5e-4
     cfg.train.max_epoch = 60
     cfg.train.start_epoch = 0
+    # The GLOBAL batch: under torchrun each of the N processes trains on batch_size / N images
+    # (P / N identities x K), so the effective batch is batch_size whatever N is.
     cfg.train.batch_size = 32
     cfg.train.fixbase_epoch = 0
     cfg.train.open_layers = ["classifier"]
@@ -162,6 +164,10 @@ def _attrimeter_defaults() -> CN:
     node.variant = "trunk"
     node.hidden_channels = 256
     node.attribute_branch = False  # attribute-recognition branch trained with weighted BCE
+    # Compute the frozen target's stem output and feature map of every training image (and its
+    # mirror) once, and train from that store (torchreid_attrimeter/feature_cache.py): each step then
+    # costs only the interpreter. Needs data.transforms limited to ['random_flip'] (or none).
+    node.cache_target_features = False
     # Loss weights of the authors' code: L = 1 L_dd + 10 L_ap + 100 L_attr.
     node.weight_dd = 1.0
     node.weight_ap = 10.0
@@ -181,6 +187,12 @@ def _attrimeter_defaults() -> CN:
     node.eval.topk = 100
     node.eval.memory_budget_mb = 1024
     node.eval.amp = True  # autocast feature extraction on CUDA
+
+    # torchrun runs (torchreid_attrimeter/distributed.py). How long a process waits for the others
+    # in a training step before failing (a crashed peer), and for rank 0 to evaluate and save.
+    node.distributed = CN()
+    node.distributed.timeout_minutes = 30.0
+    node.distributed.main_process_timeout_minutes = 240.0
     return node
 
 
@@ -379,6 +391,14 @@ def check_attrimeter_config(cfg: CN) -> None:
         )
     if node.eval.memory_budget_mb <= 0:
         raise ConfigError(f"attrimeter.eval.memory_budget_mb is {node.eval.memory_budget_mb}: it must be > 0")
+    if node.cache_target_features:
+        unsupported = [name for name in cfg.data.transforms if name != "random_flip"]
+        if unsupported or cfg.data.k_tfm != 1:
+            raise ConfigError(
+                f"attrimeter.cache_target_features is True but data.transforms is {list(cfg.data.transforms)} "
+                f"(k_tfm {cfg.data.k_tfm}): only 'random_flip' keeps the target's features fixed. Set "
+                f"data.transforms ['random_flip'] and data.k_tfm 1, or attrimeter.cache_target_features False"
+            )
     check_sampler_config(cfg)
 
 

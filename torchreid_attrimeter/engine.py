@@ -35,6 +35,7 @@ from torchreid_attrimeter.data import (
 )
 from torchreid_attrimeter.decomposition import Decomposition, pairwise_components
 from torchreid_attrimeter.evaluation import evaluate_model, format_table
+from torchreid_attrimeter.feature_cache import CACHE_KEY, build_cached_train_loader, decompose_cached
 from torchreid_attrimeter.losses import AttributePriorLoss, DistanceDistillationLoss, WeightedAttributeBCE
 from torchreid_attrimeter.models import build_attrimeter
 
@@ -168,6 +169,10 @@ class AttriMeterEngine(compat.Engine):
         self.save_dir: str | None = None
         self._written_checkpoints: set[str] = set()
         self._rolling_checkpoint: str | None = None
+        # Under torchrun (distributed.make_engine_distributed): the DistributedDataParallel wrapper the
+        # training steps go through, and the run's DistributedContext; one process: the model, None.
+        self.training_model: torch.nn.Module = self.model
+        self.distributed = None
         self._freeze_target()
 
     # --- the target stays frozen ------------------------------------------------------------------
@@ -199,11 +204,13 @@ class AttriMeterEngine(compat.Engine):
                 f"{list(self.datamanager.sources)} must be attribute datasets such as "
                 f"market1501_attr, dukemtmcreid_attr or synthetic_attr"
             )
-        images = data["img"].to(self.device)
         attributes = data["attributes"].to(self.device)
         attributes_known = data["attributes_known"].to(self.device)
 
-        decomposition: Decomposition = self.model(images)
+        if CACHE_KEY in data:  # attrimeter.cache_target_features: the frozen target's part is cached
+            decomposition: Decomposition = decompose_cached(self.model, data[CACHE_KEY], self.device)
+        else:
+            decomposition = self.training_model(data["img"].to(self.device))
         distances = pairwise_components(decomposition, decomposition, self.metric)
         loss_dd = self.distance_distillation(distances)
         loss_ap = self.attribute_prior(distances, attributes, attributes_known)
@@ -222,6 +229,8 @@ class AttriMeterEngine(compat.Engine):
         summary["loss"] = loss.item()
         summary["ADRE"] = batch_adre(distances.target_distance.detach(),
                                      distances.reconstructed_distance.detach())
+        if self.distributed is not None:  # rank 0 prints and logs the mean over all ranks
+            summary = self.distributed.average_floats(summary)
         return summary
 
     def run(self, save_dir: str = "log", max_epoch: int = 0, start_epoch: int = 0, test_only: bool = False,
@@ -230,7 +239,8 @@ class AttriMeterEngine(compat.Engine):
         checkpoints of an earlier run in ``save_dir``."""
         self.save_dir = save_dir
         if not test_only:
-            self._refuse_to_overwrite(save_dir, start_epoch, max_epoch)
+            self._on_main_process(self._refuse_to_overwrite, save_dir, start_epoch, max_epoch,
+                                  what="checking data.save_dir")
             if start_epoch >= max_epoch > 0:
                 # torchreid would "finish" with self.epoch = 0 and save epoch 1 over a real checkpoint.
                 print(f"=> Already trained to epoch {start_epoch} of {max_epoch}: evaluating only")
@@ -239,7 +249,11 @@ class AttriMeterEngine(compat.Engine):
                     **kwargs)
 
     def train(self, print_freq: int = 10, fixbase_epoch: int = 0, open_layers=None) -> None:
+        if self.distributed is not None:
+            self.distributed.start_epoch(self.epoch)
         super().train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
+        if self.distributed is not None:
+            self.distributed.end_epoch(self.model)
         # torchreid saves only after an evaluation; an interrupted run must not lose finished epochs.
         if self.save_dir is not None:
             self.save_model(self.epoch, None, self.save_dir)
@@ -256,9 +270,20 @@ class AttriMeterEngine(compat.Engine):
 
     # --- evaluation -------------------------------------------------------------------------------
 
-    def test(self, dist_metric: str = "euclidean", normalize_feature: bool = False, visrank: bool = False,
-             visrank_topk: int = 10, save_dir: str = "", use_metric_cuhk03: bool = False,
-             ranks=(1, 5, 10, 20), rerank: bool = False) -> float:
+    def _on_main_process(self, function, *args, what: str = "", **kwargs):
+        """``function`` here (one process), or on rank 0 only with its result shared (torchrun)."""
+        if self.distributed is None:
+            return function(*args, **kwargs)
+        return self.distributed.on_main_process(function, *args, what=what, **kwargs)
+
+    def test(self, *args, **kwargs) -> float:
+        """``evaluate_here``; under torchrun on rank 0 only (the explanation metrics need every
+        query x gallery pair in one place), the other ranks wait and get its rank-1."""
+        return self._on_main_process(self.evaluate_here, *args, what="evaluating", **kwargs)
+
+    def evaluate_here(self, dist_metric: str = "euclidean", normalize_feature: bool = False,
+                      visrank: bool = False, visrank_topk: int = 10, save_dir: str = "",
+                      use_metric_cuhk03: bool = False, ranks=(1, 5, 10, 20), rerank: bool = False) -> float:
         """Explanation-aware evaluation on every target dataset; returns the interpreter's rank-1
         (a fraction, as torchreid's test does) of the last one, for ``run`` to store in checkpoints."""
         if normalize_feature or rerank or visrank or use_metric_cuhk03:
@@ -318,6 +343,11 @@ class AttriMeterEngine(compat.Engine):
         return state
 
     def save_model(self, epoch: int, rank1: float | None, save_dir: str, is_best: bool = False) -> str:
+        """``save_model_here``; under torchrun on rank 0 only."""
+        return self._on_main_process(self.save_model_here, epoch, rank1, save_dir, is_best=is_best,
+                                     what=f"saving the checkpoint of epoch {epoch + 1}")
+
+    def save_model_here(self, epoch: int, rank1: float | None, save_dir: str, is_best: bool = False) -> str:
         """Write ``<save_dir>/model/model.pth.tar-<epoch+1>`` (torchreid's name and layout).
 
         Works without a scheduler (torchreid's crashes on None), never replaces a file this run did
@@ -345,7 +375,8 @@ class AttriMeterEngine(compat.Engine):
         self._rolling_checkpoint = path if rank1 is None else None
         if is_best:
             best = os.path.join(directory, "model-best.pth.tar")
-            torch.save(self.checkpoint_state(epoch, rank1), best)
+            torch.save(self.checkpoint_state(epoch, rank1), best + ".tmp")
+            os.replace(best + ".tmp", best)
         return path
 
     def resume(self, path: str) -> int:
@@ -506,7 +537,7 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
         "memory_budget_mb": cfg.attrimeter.eval.memory_budget_mb,
         "amp": cfg.attrimeter.eval.amp,
     }
-    return AttriMeterEngine(
+    engine = AttriMeterEngine(
         datamanager,
         model,
         optimizer,
@@ -519,3 +550,9 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
         trust_checkpoints=cfg.attrimeter.trust_checkpoints,
         use_gpu=cfg.use_gpu,
     )
+    if cfg.attrimeter.cache_target_features and not cfg.test.evaluate:
+        # Replaces the image loader (same sampler and batch size): steps then cost only the interpreter.
+        engine.train_loader = build_cached_train_loader(
+            engine.model, datamanager, cfg.data.transforms, cfg.data.k_tfm, cfg.train.batch_size,
+            workers=cfg.data.workers, seed=cfg.train.seed)
+    return engine
