@@ -21,6 +21,7 @@ Images are 128x64 (height x width): drawn at twice that size and downsampled, wh
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -574,6 +575,10 @@ def render_counterfactual(identity: IdentitySpec, camera: CameraSpec, view: View
 # --- writing ---------------------------------------------------------------------------------------
 
 
+_MAT_TEXT_HEADER_BYTES = 116
+_MAT_TEXT_HEADER = b"MATLAB 5.0 MAT-file, written by torchreid_attrimeter.data.synthetic"
+
+
 def _mat_split(identities: Sequence[IdentitySpec], rng: np.random.Generator) -> dict:
     fields = list(identities[0].market_labels()) if identities else []
     order = [fields[i] for i in rng.permutation(len(fields))]
@@ -597,7 +602,14 @@ def write_attribute_mat(path: str, plan: SyntheticPlan) -> None:
     splits = {"train": plan.train_pids, "test": plan.test_pids}
     content = {name: _mat_split([plan.identities[pid] for pid in sorted(splits[name])], rng)
                for name in _MAT_SPLIT_ORDER}
-    scipy.io.savemat(path, {"market_attribute": content}, do_compression=False)
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, {"market_attribute": content}, do_compression=False)
+    data = bytearray(buffer.getvalue())
+    # The MAT-5 header's 116-byte text field holds the creation time; a fixed text keeps the file
+    # byte-identical for the same seed.
+    data[:_MAT_TEXT_HEADER_BYTES] = _MAT_TEXT_HEADER.ljust(_MAT_TEXT_HEADER_BYTES)
+    with open(path, "wb") as file:
+        file.write(data)
 
 
 def _manifest(plan: SyntheticPlan) -> dict:
