@@ -1,6 +1,6 @@
 """The whole AttriMeter path on CPU, from nothing: generate the synthetic attribute-person dataset,
 train a small target with torchreid's own ImageSoftmaxEngine, graft AttriMeter onto it, train the
-interpreter and evaluate it.
+interpreter, evaluate it and write an HTML report of explained ranked lists.
 
     python tools/demo.py            (or: make demo)
 
@@ -35,6 +35,7 @@ ATTRIMETER_CONFIG = os.path.join(REPO, "configs", "attrimeter_synthetic_demo.yam
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train as train_tool  # tools/ is not a package
+import visualize_decomposition as report_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +83,19 @@ def train_target(cfg) -> str:
     return path
 
 
+def write_report(config_file: str, opts: list[str], report_dir: str) -> str:
+    """A few explained ranked lists of the demo's test queries (tools/visualize_decomposition.py)."""
+    index = os.path.join(report_dir, "index.html")
+    if os.path.exists(index):
+        print(f"=> Reusing the report {index}")
+        return index
+    status = report_tool.main(["--config-file", config_file, "--num-queries", "6", "--seed", "0",
+                               "--topk", "5", "--output", report_dir, *opts])
+    if status != 0:
+        raise RuntimeError(f"tools/visualize_decomposition.py failed (exit {status}); see the messages above")
+    return index
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (data-loading workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -105,13 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
     timings: dict[str, tuple[float, float]] = {}
     start, cpu_start = time.time(), _cpu_seconds()
 
-    _step("1/3 synthetic dataset", timings, generate_synthetic_dataset, data_root)
+    _step("1/4 synthetic dataset", timings, generate_synthetic_dataset, data_root)
 
     target_cfg = load_config(TARGET_CONFIG, [
         "data.root", data_root, "data.save_dir", os.path.join(output, "target"),
         "data.workers", str(args.workers), "use_gpu", str(use_gpu),
     ])
-    target_weights = _step(f"2/3 target (torchreid engine, {target_cfg.loss.name} loss)", timings,
+    target_weights = _step(f"2/4 target (torchreid engine, {target_cfg.loss.name} loss)", timings,
                            train_target, target_cfg)
 
     attrimeter_cfg = load_config(ATTRIMETER_CONFIG, [
@@ -120,7 +134,14 @@ def main(argv: list[str] | None = None) -> dict:
         "model.name", target_cfg.model.name, "model.load_weights", target_weights,
         "data.height", str(target_cfg.data.height), "data.width", str(target_cfg.data.width),
     ])
-    record = _step("3/3 AttriMeter (tools/train.py)", timings, train_tool.run, attrimeter_cfg)
+    record = _step("3/4 AttriMeter (tools/train.py)", timings, train_tool.run, attrimeter_cfg)
+
+    report_opts = ["data.root", data_root, "data.save_dir", os.path.join(output, "attrimeter"),
+                   "model.name", target_cfg.model.name, "model.load_weights", target_weights,
+                   "data.height", str(target_cfg.data.height), "data.width", str(target_cfg.data.width),
+                   "use_gpu", str(use_gpu)]
+    report = _step("4/4 explanations (tools/visualize_decomposition.py)", timings, write_report,
+                   ATTRIMETER_CONFIG, report_opts, os.path.join(output, "report"))
 
     total = time.time() - start
     results = record["datasets"]["synthetic_attr"]
@@ -132,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"interpreter R1 {results['interpreter_rank1']:.2f}  mAP {results['interpreter_mAP']:.2f}  "
           f"ADRE {results['ADRE']:.2f} %")
     print(f"Results, logs and checkpoints: {os.path.join(output, 'attrimeter')}")
+    print(f"Explanations (open in a browser): {report}")
     record["timings_seconds"] = {**{title: wall for title, (wall, _) in timings.items()}, "total": total}
     return record
 
