@@ -92,8 +92,9 @@ def main(argv=None) -> dict:
     report = {"num_query": args.num_query, "num_gallery": args.num_gallery, "dim": args.dim,
               "num_attributes": args.num_attributes, "torch_threads": torch.get_num_threads()}
 
-    report["matmul_lower_bound_s"] = matmul_lower_bound(args.num_query, args.num_gallery, args.dim,
-                                                        args.num_attributes)
+    # The lower bound is timed before and after the evaluation; the faster of the two is used, so that
+    # a slow moment of a shared machine cannot flatter the ratio.
+    bound_before = matmul_lower_bound(args.num_query, args.num_gallery, args.dim, args.num_attributes)
     evaluator = ExplanationEvaluator([f"attribute_{index}" for index in range(args.num_attributes)],
                                      memory_budget_mb=args.memory_budget_mb, progress=False)
     embeddings = {}
@@ -110,8 +111,11 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     results = evaluator.evaluate()
     report["explanation_evaluation_s"] = elapsed + time.perf_counter() - start
-    report["explanation_over_lower_bound"] = report["explanation_evaluation_s"] / report["matmul_lower_bound_s"]
     report["explanation_peak_rss_mb"] = peak_resident_mb()
+    bound_after = matmul_lower_bound(args.num_query, args.num_gallery, args.dim, args.num_attributes)
+    report["matmul_lower_bound_runs_s"] = [bound_before, bound_after]
+    report["matmul_lower_bound_s"] = min(bound_before, bound_after)
+    report["explanation_over_lower_bound"] = report["explanation_evaluation_s"] / report["matmul_lower_bound_s"]
     report["results"] = {key: value for key, value in results.items() if key != "per_attribute"}
     evaluator.reset()
 

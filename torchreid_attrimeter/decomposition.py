@@ -91,26 +91,43 @@ def check_metric(metric: str) -> str:
     return metric
 
 
+def distance_terms(embeddings: torch.Tensor, metric: str = "euclidean") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a distance needs of each row of ``embeddings`` (..., N, D): for 'cosine' the unit rows and
+    no norms, for 'euclidean' the rows themselves and their squared norms (..., N)."""
+    check_metric(metric)
+    if metric == "cosine":
+        return torch.nn.functional.normalize(embeddings, dim=-1), None
+    return embeddings, embeddings.pow(2).sum(dim=-1)
+
+
+def distances_from_products(
+    products: torch.Tensor,
+    query_norms: torch.Tensor | None,
+    gallery_norms: torch.Tensor | None,
+    metric: str = "euclidean",
+) -> torch.Tensor:
+    """Distances (..., Q, G) from the inner products (..., Q, G) of rows prepared by ``distance_terms``
+    and their norms (..., Q) and (..., G). Split from the product so that the evaluator can run one
+    large product per tile and finish the distances block by block while they are in the CPU cache."""
+    if metric == "cosine":
+        return 1.0 - products
+    squared = torch.add(query_norms.unsqueeze(-1), products, alpha=-2.0)
+    if torch.is_grad_enabled() and squared.requires_grad:
+        # clamp's backward needs its input: no in-place steps while autograd records.
+        return (squared + gallery_norms.unsqueeze(-2)).clamp_min(_SQUARED_DISTANCE_FLOOR).sqrt()
+    squared.add_(gallery_norms.unsqueeze(-2))
+    return squared.clamp_min_(_SQUARED_DISTANCE_FLOOR).sqrt_()
+
+
 def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
     """Distances between the rows of ``query`` (..., Q, D) and ``gallery`` (..., G, D) → (..., Q, G).
 
     'euclidean' is the plain (not squared) Euclidean distance; 'cosine' is 1 - cosine similarity.
     Leading batch dimensions are matched, so all M attribute components are one batched product.
     """
-    check_metric(metric)
-    if metric == "cosine":
-        query = torch.nn.functional.normalize(query, dim=-1)
-        gallery = torch.nn.functional.normalize(gallery, dim=-1)
-        return 1.0 - query @ gallery.transpose(-1, -2)
-    query_norms = query.pow(2).sum(dim=-1, keepdim=True)  # (..., Q, 1)
-    gallery_norms = gallery.pow(2).sum(dim=-1).unsqueeze(-2)  # (..., 1, G)
-    squared = torch.baddbmm(
-        (query_norms + gallery_norms).reshape(-1, query.shape[-2], gallery.shape[-2]),
-        query.reshape(-1, *query.shape[-2:]),
-        gallery.reshape(-1, *gallery.shape[-2:]).transpose(-1, -2),
-        alpha=-2.0,
-    ).reshape(*query.shape[:-1], gallery.shape[-2])
-    return squared.clamp_min(_SQUARED_DISTANCE_FLOOR).sqrt()
+    query, query_norms = distance_terms(query, metric)
+    gallery, gallery_norms = distance_terms(gallery, metric)
+    return distances_from_products(query @ gallery.transpose(-1, -2), query_norms, gallery_norms, metric)
 
 
 def pairwise_components(query: Decomposition, gallery: Decomposition, metric: str = "euclidean") -> PairwiseDistances:

@@ -2,20 +2,25 @@
 and interpreter retrieval, ADRE, X-mAP_e / X-mAP_c and per-attribute statistics (method page §6), plus
 the extraction loop that feeds it from a model and torchreid loaders.
 
-``process`` only stores embeddings (the maps are dropped). ``evaluate`` walks tiles of queries x gallery
-whose size follows ``memory_budget_mb``; each tile is one ``pairwise_components`` call, whose per-pair
-metrics are accumulated, and each query chunk is ranked against the whole gallery once its row of tiles
-is done. Nothing of size Q x G x M is ever held.
+``process`` only stores embeddings (the maps are dropped). ``evaluate`` walks chunks of queries and,
+within each, tiles of gallery columns, both sized by ``memory_budget_mb``. A tile is one batched product
+of the attribute embeddings; its pairs are then finished block by block, each block on one CPU thread
+while it sits in that core's cache (components from the products with the same code as
+``pairwise_components``, their mean, ADRE and the explanation metrics). Each query chunk is ranked
+against the whole gallery by the target and by the interpreter once its tiles are done. Nothing of size
+Q x G x M is ever held.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,10 +30,15 @@ from tqdm.auto import tqdm
 from torchreid_attrimeter.decomposition import (
     Decomposition,
     check_metric,
-    pairwise_components,
+    distance_terms,
+    distances_from_products,
     pairwise_distance,
 )
-from torchreid_attrimeter.evaluation.explanation_metrics import RelativeErrorHistogram, pair_explanation_stats
+from torchreid_attrimeter.evaluation.explanation_metrics import (
+    PairExplanationStats,
+    RelativeErrorHistogram,
+    pair_explanation_stats,
+)
 from torchreid_attrimeter.evaluation.ranking import GalleryIdentities, query_rank_stats
 
 logger = logging.getLogger(__name__)
@@ -37,11 +47,14 @@ PAIR_MODES = ("all", "topk")
 SPLITS = ("query", "gallery")
 # Pairs whose target distance is below this are skipped by ADRE (a relative error of ~0/0).
 ADRE_MIN_DISTANCE = 1e-6
-# Bytes per pair and attribute held at once inside a tile: the components, the products' buffer,
-# the sort keys and their sorted copy, the label masks.
-_BYTES_PER_PAIR_ATTRIBUTE = 4 * 4 + 2
-# Pairs ranked by one sorting-network pass; rows of this length stay in the CPU caches.
-_RANKING_BLOCK = 16384
+# The memory budget is split evenly between a query chunk's (q, G) arrays (target and interpreter
+# distances and the ranking's temporaries, about 32 bytes per pair at their peak) and a tile's
+# (M, q, g) float32 inner products. Everything else is computed per block of pairs, a few MB per thread.
+_BYTES_PER_CHUNK_PAIR = 32
+_BYTES_PER_PAIR_ATTRIBUTE = 4
+# Pairs per block: the block's distances, keys and label masks stay in the CPU caches while every
+# per-pair metric is computed from them.
+_BLOCK_PAIRS = 16384
 _TRIM_EVERY_BATCHES = 16
 _HASH_PRIME = 2_147_483_647  # 2^31 - 1: (index * multiplier) mod prime stays inside int64
 
@@ -60,7 +73,8 @@ class ExplanationEvaluator:
         pair_fraction: if set, the explanation metrics use a deterministic subsample (by ``seed``) of
             this fraction of the pairs; retrieval metrics still rank the whole gallery.
         top_attributes: k of the per-attribute top-k precision.
-        memory_budget_mb: working memory of one tile of pairs (the stored embeddings come on top).
+        memory_budget_mb: working memory of the evaluation: half for a chunk of queries' distances to
+            the whole gallery, half for a tile's attribute products (the stored embeddings come on top).
         device: where tiles are computed (default: where the embeddings are).
         progress: show a tqdm bar.
     """
@@ -245,15 +259,14 @@ def _as_long(values: Any, name: str, batch: int) -> torch.Tensor:
     return tensor
 
 
-def _decomposition(data: dict[str, Any], rows: slice, device: torch.device) -> Decomposition:
-    # attribute_embeddings are stored (M, N, D); the Decomposition view is (n, M, D), whose transpose
-    # back inside pairwise_components is the contiguous slice again.
-    return Decomposition(data["embedding"][rows].to(device),
-                         data["attribute_embeddings"][:, rows].to(device).transpose(0, 1))
-
-
 class _Run:
-    """One evaluation pass over the stored query and gallery embeddings."""
+    """One evaluation pass over the stored query and gallery embeddings.
+
+    Per query chunk: the target distances to the whole gallery (ranked at once), then tiles of
+    gallery columns. A tile is one batched product of the M attribute embeddings, (M, q, g), into a
+    reused buffer; its rows are then cut into blocks of about ``_BLOCK_PAIRS`` pairs, each finished
+    (components, mean, ADRE, explanation metrics) by one CPU thread while it is in that core's cache.
+    """
 
     def __init__(self, evaluator: ExplanationEvaluator, query: dict, gallery: dict, device: torch.device,
                  with_attributes: bool):
@@ -262,6 +275,7 @@ class _Run:
         self.with_attributes = with_attributes
         self.num_query, self.num_gallery = len(query["pids"]), len(gallery["pids"])
         self.num_attributes = query["attribute_embeddings"].shape[0]
+        self.gallery_embedding = gallery["embedding"].to(device)
         self.gallery_identities = GalleryIdentities(gallery["pids"].to(device), gallery["camids"].to(device))
         self.max_rank = min(max(evaluator.ranks), self.num_gallery)
         if max(evaluator.ranks) > self.num_gallery:
@@ -277,17 +291,29 @@ class _Run:
                                                                   "agree")}
         self.multiplier = int(torch.randint(1, _HASH_PRIME - 1, (1,),
                                             generator=torch.Generator().manual_seed(evaluator.seed)))
+        if with_attributes:
+            # Attribute-major int32 0/1 labels: a block's (M, pairs) masks are one XOR / AND each.
+            for data in (query, gallery):
+                data["labels_by_attribute"] = data["attributes"].t().to(device, torch.int32).contiguous()
+                data["known_by_attribute"] = data["known"].t().to(device, torch.int32).contiguous()
+                data["all_known"] = data["known"].all(1).to(device)
+        self.products_buffer = torch.empty(0, device=device)
 
     # -- tiling --------------------------------------------------------------------------------------
 
-    def tile_shape(self, columns: int) -> tuple[int, int]:
-        pairs = self.options.memory_budget_mb * 2 ** 20 / (_BYTES_PER_PAIR_ATTRIBUTE * max(self.num_attributes, 1))
-        pairs = max(int(pairs), 1)
-        rows = max(1, min(self.num_query, math.isqrt(pairs)))
-        return rows, max(1, min(columns, pairs // rows))
+    def chunk_rows(self) -> int:
+        """Queries per chunk: their (q, G) arrays fill half the memory budget."""
+        half_budget = self.options.memory_budget_mb * 2 ** 20 / 2
+        return max(1, min(self.num_query, int(half_budget / (_BYTES_PER_CHUNK_PAIR * self.num_gallery))))
+
+    def tile_columns(self, rows: int, columns: int) -> int:
+        """Gallery columns per tile of ``rows`` queries: the tile's products fill the other half."""
+        half_budget = self.options.memory_budget_mb * 2 ** 20 / 2
+        pairs = int(half_budget / (_BYTES_PER_PAIR_ATTRIBUTE * max(self.num_attributes, 1)))
+        return max(1, min(columns, pairs // rows))
 
     def results(self) -> dict[str, Any]:
-        query_chunk, _ = self.tile_shape(self.num_gallery)
+        query_chunk = self.chunk_rows()
         starts = range(0, self.num_query, query_chunk)
         bar = tqdm(total=self.num_query, desc="evaluating", unit="query", disable=not self.options.progress)
         for start in starts:
@@ -295,13 +321,23 @@ class _Run:
             self.process_query_chunk(rows)
             bar.update(rows.stop - rows.start)
         bar.close()
+        self.products_buffer = torch.empty(0, device=self.device)
         return self.summary()
 
+    def products(self, query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        """(M, q, g) inner products of (M, q, D) and (M, g, D) rows, in the reused tile buffer."""
+        shape = (query.shape[0], query.shape[1], gallery.shape[1])
+        if self.products_buffer.numel() < math.prod(shape):
+            self.products_buffer = torch.empty(math.prod(shape), device=self.device)
+        return torch.bmm(query, gallery.transpose(1, 2), out=self.products_buffer[:math.prod(shape)].view(shape))
+
     def process_query_chunk(self, rows: slice) -> None:
-        query = _decomposition(self.query, rows, self.device)
+        metric = self.options.metric
+        query_attributes, query_norms = distance_terms(
+            self.query["attribute_embeddings"][:, rows].to(self.device), metric)  # (M, q, D), (M, q)
         q_pids = self.query["pids"][rows].to(self.device)
         q_camids = self.query["camids"][rows].to(self.device)
-        target = pairwise_distance(query.embedding, self.gallery["embedding"].to(self.device), self.options.metric)
+        target = pairwise_distance(self.query["embedding"][rows].to(self.device), self.gallery_embedding, metric)
         _check_finite(target, "target distances")
         self.retrieval["target"].add(query_rank_stats(target, q_pids, q_camids, self.gallery_identities))
 
@@ -313,35 +349,50 @@ class _Run:
             nearest = torch.topk(target, min(self.options.topk, self.num_gallery), dim=1, largest=False).indices
             columns = torch.unique(nearest)
             # selected[q, j]: gallery image columns[j] is among query q's top-k.
-            selected = torch.zeros(len(query), len(columns), dtype=torch.bool, device=self.device)
+            selected = torch.zeros(len(q_pids), len(columns), dtype=torch.bool, device=self.device)
             selected.scatter_(1, torch.searchsorted(columns, nearest), True)
             reconstructed = None
 
-        _, tile_columns = self.tile_shape(len(columns))
+        tile_columns = self.tile_columns(len(q_pids), len(columns))
         for first in range(0, len(columns), tile_columns):
             tile = columns[first:first + tile_columns]
-            contiguous = self.options.pairs == "all"
-            gallery_rows = slice(int(tile[0]), int(tile[-1]) + 1) if contiguous else tile.cpu()
-            gallery = _decomposition(self.gallery, gallery_rows, self.device) if contiguous else Decomposition(
-                self.gallery["embedding"][gallery_rows].to(self.device),
-                self.gallery["attribute_embeddings"][:, gallery_rows].to(self.device).transpose(0, 1))
-            distances = pairwise_components(query, gallery, self.options.metric)
-            components = distances.attribute_components.permute(2, 0, 1)  # (M, q, g), contiguous
-            tile_target = target[:, tile]
-            mean_components = components.mean(0)
-            _check_finite(mean_components, "attribute components")
-            if reconstructed is not None:
-                reconstructed[:, first:first + len(tile)] = mean_components
-            pair_mask = selected[:, first:first + len(tile)] if selected is not None else None
-            pair_mask = self.subsample(rows, tile, pair_mask)
-            self.add_pairs(components, tile_target, mean_components, pair_mask, rows, tile)
-            del distances, components
+            # Every gallery image in 'all' mode: a contiguous slice, read without a copy.
+            gallery_index = slice(int(tile[0]), int(tile[-1]) + 1) if selected is None else tile
+            gallery_attributes, gallery_norms = distance_terms(
+                self.gallery["attribute_embeddings"][:, gallery_index.cpu() if selected is not None
+                                                     else gallery_index].to(self.device), metric)
+            tile_selected = selected[:, first:first + len(tile)] if selected is not None else None
+            work = _Tile(rows=rows, columns=tile, gallery_index=gallery_index, first_column=first,
+                         products=self.products(query_attributes, gallery_attributes), query_norms=query_norms,
+                         gallery_norms=gallery_norms, target=target[:, gallery_index], selected=tile_selected,
+                         reconstructed=reconstructed)
+            rows_per_block = max(1, _BLOCK_PAIRS // len(tile))
+            blocks = [slice(start, min(start + rows_per_block, len(q_pids)))
+                      for start in range(0, len(q_pids), rows_per_block)]
+            for result in self.parallel_map(functools.partial(self.finish_block, work), blocks):
+                self.add_block(result)
         if reconstructed is not None:
             self.retrieval["interpreter"].add(query_rank_stats(reconstructed, q_pids, q_camids,
                                                                self.gallery_identities))
         _release_freed_memory()
 
+    def finish_block(self, work: _Tile, block: slice) -> _BlockResult:
+        """Components, mean and metrics of the pairs of rows ``block`` (local to the chunk) of a tile."""
+        components = distances_from_products(
+            work.products[:, block], None if work.query_norms is None else work.query_norms[:, block],
+            work.gallery_norms, self.options.metric)  # (M, r, g)
+        mean_components = components.mean(0)
+        _check_finite(mean_components, "attribute components")
+        if work.reconstructed is not None:
+            work.reconstructed[block, work.first_column:work.first_column + len(work.columns)] = mean_components
+        query_rows = slice(work.rows.start + block.start, work.rows.start + block.stop)
+        pair_mask = self.subsample(query_rows, work.columns, work.selected[block] if work.selected is not None
+                                   else None)
+        return self.block_result(components, work.target[block], mean_components, pair_mask, query_rows,
+                                 work.gallery_index)
+
     def subsample(self, rows: slice, tile: torch.Tensor, pair_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """pair_mask restricted to the deterministic subsample, for query rows ``rows`` (global) x ``tile``."""
         if self.options.pair_fraction is None or self.options.pair_fraction >= 1.0:
             return pair_mask
         # A fixed hash of the pair's global index: the same pairs whatever the tiling.
@@ -353,9 +404,10 @@ class _Run:
 
     # -- per-pair metrics ----------------------------------------------------------------------------
 
-    def add_pairs(self, components: torch.Tensor, target: torch.Tensor, reconstructed: torch.Tensor,
-                  pair_mask: torch.Tensor | None, rows: slice, tile: torch.Tensor) -> None:
-        """components (M, q, g), target/reconstructed (q, g), pair_mask (q, g) bool or None (all)."""
+    def block_result(self, components: torch.Tensor, target: torch.Tensor, reconstructed: torch.Tensor,
+                     pair_mask: torch.Tensor | None, query_rows: slice, gallery_index) -> _BlockResult:
+        """Metrics of one block: components (M, r, g), target/reconstructed (r, g), pair_mask (r, g) bool
+        or None (all); query_rows (global) and gallery_index select the block's labels."""
         num_attributes = components.shape[0]
         flat_components = components.reshape(num_attributes, -1)
         flat_target, flat_reconstructed = target.reshape(-1), reconstructed.reshape(-1)
@@ -363,37 +415,41 @@ class _Run:
         if chosen is not None:
             flat_components = flat_components[:, chosen]
             flat_target, flat_reconstructed = flat_target[chosen], flat_reconstructed[chosen]
+        result = _BlockResult(pairs=flat_target.numel())
         measurable = flat_target > ADRE_MIN_DISTANCE
-        self.adre_skipped += int((~measurable).sum())
+        result.adre_skipped = int((~measurable).sum())
         error = (flat_target - flat_reconstructed).abs() / flat_target.clamp_min(ADRE_MIN_DISTANCE)
-        self.relative_error.add(error[measurable])
-        self.explained_pairs += flat_target.numel()
-        if not self.with_attributes:
-            return
+        result.relative_error.add(error[measurable])
+        if not self.with_attributes or result.pairs == 0:
+            return result
 
         def pair_labels(name: str, combine) -> torch.Tensor:
-            # (M, pairs) from the query's (q, M) and the gallery's (g, M) labels, flattened like the pairs.
-            query_labels = self.query[name][rows].to(self.device).t()[:, :, None]
-            gallery_labels = self.gallery[name][tile.cpu()].to(self.device).t()[:, None, :]
+            # (M, pairs) from the query's (M, r) and the gallery's (M, g) labels, flattened like the pairs.
+            query_labels = self.query[name][:, query_rows][:, :, None]
+            gallery_labels = self.gallery[name][:, gallery_index][:, None, :]
             labels = combine(query_labels, gallery_labels).reshape(num_attributes, -1)
             return labels if chosen is None else labels[:, chosen]
 
-        differ = pair_labels("attributes", torch.ne)
-        known = pair_labels("known", torch.logical_and)
-        num_pairs = flat_target.numel()
-        blocks = [slice(start, min(start + _RANKING_BLOCK, num_pairs)) for start in range(0, num_pairs, _RANKING_BLOCK)]
+        differ = pair_labels("labels_by_attribute", torch.bitwise_xor)
+        everything_known = bool(self.query["all_known"][query_rows].all()) and bool(
+            self.gallery["all_known"][gallery_index].all())
+        known = None if everything_known else pair_labels("known_by_attribute", torch.bitwise_and)
+        result.stats = pair_explanation_stats(flat_components, differ, known, self.options.top_attributes)
+        return result
 
-        def explain(block: slice):
-            return pair_explanation_stats(flat_components[:, block], differ[:, block], known[:, block],
-                                          self.options.top_attributes)
-
-        for stats in self.parallel_map(explain, blocks):
-            self.exclusive_sum += float(stats.exclusive_ap.sum())
-            self.exclusive_pairs += int(stats.has_exclusive.sum())
-            self.common_sum += float(stats.common_ap.sum())
-            self.common_pairs += int(stats.has_common.sum())
-            for name in self.attribute_counts:
-                self.attribute_counts[name] += getattr(stats, name).double().cpu()
+    def add_block(self, result: _BlockResult) -> None:
+        self.explained_pairs += result.pairs
+        self.adre_skipped += result.adre_skipped
+        self.relative_error.merge(result.relative_error)
+        stats = result.stats
+        if stats is None:
+            return
+        self.exclusive_sum += float(stats.exclusive_ap.sum())
+        self.exclusive_pairs += int(stats.has_exclusive.sum())
+        self.common_sum += float(stats.common_ap.sum())
+        self.common_pairs += int(stats.has_common.sum())
+        for name in self.attribute_counts:
+            self.attribute_counts[name] += getattr(stats, name).double().cpu()
 
     def parallel_map(self, function, items: list) -> list:
         """Run ``function`` over items on one Python thread per CPU thread, each op single-threaded.
@@ -458,6 +514,37 @@ class _Run:
             }
         results["per_attribute"] = per_attribute
         return results
+
+
+@dataclass
+class _Tile:
+    """A tile of a query chunk (global rows ``rows``) x gallery columns, shared by its blocks.
+
+    products: (M, q, g) inner products; query_norms (M, q) / gallery_norms (M, g) or None (cosine);
+    target: (q, g); selected: (q, g) bool or None (all pairs); reconstructed: the chunk's (q, G)
+    interpreter distances, written at columns first_column.. ('all' mode), else None.
+    """
+
+    rows: slice
+    columns: torch.Tensor
+    gallery_index: slice | torch.Tensor
+    first_column: int
+    products: torch.Tensor
+    query_norms: torch.Tensor | None
+    gallery_norms: torch.Tensor | None
+    target: torch.Tensor
+    selected: torch.Tensor | None
+    reconstructed: torch.Tensor | None
+
+
+@dataclass
+class _BlockResult:
+    """What one block of pairs adds to the run (computed on a worker thread, added on the main one)."""
+
+    pairs: int
+    adre_skipped: int = 0
+    relative_error: RelativeErrorHistogram = field(default_factory=RelativeErrorHistogram)
+    stats: PairExplanationStats | None = None
 
 
 class _RetrievalAccumulator:

@@ -58,11 +58,25 @@ def sort_rows_descending(keys: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def ranking_keys(components: torch.Tensor, differ: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """(M, n) int32 keys: component bits with the lowest bit = differs; UNKNOWN_KEY where unknown."""
-    bits = components.float().clamp_min(0.0).contiguous().view(torch.int32)
-    keys = (bits & ~1) | differ.to(torch.int32)
-    return torch.where(known, keys, torch.full_like(keys, UNKNOWN_KEY))
+def cumulative_rows(values: torch.Tensor) -> torch.Tensor:
+    """values.cumsum(0) for (M, n): M - 1 in-place row additions, many times faster on CPU than
+    ``cumsum`` along the first dimension."""
+    total = values.clone()
+    for index in range(1, total.shape[0]):
+        total[index].add_(total[index - 1])
+    return total
+
+
+def ranking_keys(values: torch.Tensor, differ: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """(M, n) int32 keys: bits of the float32 components ``values`` (>= 0) with the lowest bit =
+    differs; UNKNOWN_KEY where unknown. differ and known are int32 0/1 (M, n), differ already zero
+    where unknown; known None = all known.
+    """
+    keys = values.view(torch.int32) & ~1
+    keys |= differ
+    if known is not None:
+        keys |= (known - 1) << 1  # unknown: all bits but the lowest set, i.e. UNKNOWN_KEY
+    return keys
 
 
 @dataclass
@@ -71,7 +85,7 @@ class PairExplanationStats:
 
     exclusive_ap, common_ap: (n,) float64 AP of the pair (0 where undefined);
     has_exclusive: (n,) bool, N >= 1; has_common: (n,) bool, M_known - N >= 1.
-    Per attribute (M,) int32 counts: top_k (in the pair's top-k shares), top_k_differ (in top-k and
+    Per attribute (M,) counts: top_k (in the pair's top-k shares), top_k_differ (in top-k and
     differs), differ, known, agree ([share > 1/M_known] equals differs).
     """
 
@@ -87,73 +101,96 @@ class PairExplanationStats:
 
 
 def pair_explanation_stats(
-    components: torch.Tensor, differ: torch.Tensor, known: torch.Tensor, top_k: int = 3
+    components: torch.Tensor, differ: torch.Tensor, known: torch.Tensor | None = None, top_k: int = 3
 ) -> PairExplanationStats:
     """Explanation metrics of n pairs from their components (M, n) and labels.
 
-    components: (M, n) d^m >= 0; differ: (M, n) bool, the two identities differ in attribute m;
-    known: (M, n) bool, attribute m is annotated for both images (others are excluded from the pair).
-    """
-    num_attributes = components.shape[0]
-    differ = differ & known
-    keys = ranking_keys(components, differ, known)
-    ranked = sort_rows_descending(keys).unbind(0)
-    # Row by row over the M ranked positions: each step works on one length-n row that stays in cache.
-    num_known = known.sum(0, dtype=torch.int32).float()
-    num_differ = differ.sum(0, dtype=torch.int32).float()
-    num_shared = num_known - num_differ
-    differ_seen = torch.zeros_like(num_known)
-    shared_seen = torch.zeros_like(num_known)
-    exclusive_sum = torch.zeros_like(num_known)
-    common_sum = torch.zeros_like(num_known)
-    for index, row in enumerate(ranked):
-        is_differ = (row & 1).float()  # UNKNOWN_KEY has its lowest bit clear
-        is_shared = (row >= 0).float() - is_differ
-        # X-mAP_e: decreasing shares, relevant = differing: precision at this position times relevance.
-        differ_seen += is_differ
-        exclusive_sum.addcmul_(is_differ, differ_seen, value=1.0 / (index + 1))
-        # X-mAP_c with N >= 1: increasing shares = the known part read backwards. This position is
-        # M_known - index in increasing order; the shared attributes up to it are those from here on.
-        shared_from_here = num_shared - shared_seen
-        shared_seen += is_shared
-        common_sum.addcmul_(is_shared, shared_from_here / (num_known - index).clamp_min(1.0))
-    exclusive_ap = exclusive_sum / num_differ.clamp_min(1.0)
-    common_ap = common_sum / num_shared.clamp_min(1.0)
+    components: (M, n) d^m >= 0; differ: (M, n) bool or 0/1 ints, the two identities differ in
+    attribute m; known: (M, n) bool or 0/1 ints, attribute m is annotated for both images (others are
+    excluded from the pair), or None when every attribute is known.
 
-    known_components = components.float().clamp_min(0.0) * known
-    total_known = known_components.sum(0)
+    Every step is a whole-row integer or float operation, avoiding what is slow in CPU torch at this
+    size: ``where``, ``cumsum`` along dim 0, int64 sums, conversions from bool to float.
+    """
+    num_attributes, num_pairs = components.shape
+    device = components.device
+    differ = differ.to(torch.int32)
+    if known is not None:
+        known = known.to(torch.int32)
+        differ = differ & known
+    values = components.float().clamp_min(0.0)
+    keys = ranking_keys(values, differ, known)
+    ranked = sort_rows_descending(keys)
+
+    # Relevance read back from the sorted keys: lowest bit = differs; sign bit = unknown. From here
+    # on in float32, whose whole-row arithmetic is the fastest (and exact for these small counts).
+    ranked_differ = (ranked & 1).float()
+    ranked_shared = ((ranked >> 31) + 1).float() - ranked_differ  # known (1, or 0 if unknown) - differs
+    differ_seen = cumulative_rows(ranked_differ)  # relevant items at or above each position
+    shared_seen = cumulative_rows(ranked_shared)
+    num_differ, num_shared = differ_seen[-1], shared_seen[-1]
+    num_known = num_differ + num_shared
+    # X-mAP_e: decreasing shares, relevant = differs; AP = (1/N) sum over relevant positions of
+    # (relevant so far) / position.
+    position = torch.arange(1, num_attributes + 1, device=device, dtype=torch.float32)
+    exclusive_ap = ((1.0 / position) @ (ranked_differ * differ_seen)) / num_differ.clamp_min(1.0)
+    # X-mAP_c with N >= 1: increasing shares, relevant = shared. Descending index m is position
+    # M_known - m in increasing order, where the shared attributes so far are those at m and below.
+    shared_from_here = (num_shared + 1.0)[None, :] - shared_seen
+    shared_from_here *= ranked_shared
+    increasing_position = (num_known[None, :] - (position - 1.0)[:, None]).clamp_min_(1.0)
+    common_ap = (shared_from_here / increasing_position).sum(0) / num_shared.clamp_min(1.0)
+
+    # Components of unknown attributes zeroed with a bit mask (-known is all ones or all zeros).
+    known_values = values if known is None else (values.view(torch.int32) & -known).view(torch.float32)
+    total_known = known_values.sum(0)
     # X-mAP_c with N = 0 (rare: same-attribute pairs): decreasing shares, relevant = shares <= 2 / M_known.
     nothing_differs = (num_differ == 0) & (num_known > 0)
     if bool(nothing_differs.any()):
         columns = nothing_differs.nonzero()[:, 0]
-        values = torch.stack(ranked)[:, columns]
-        known_here = values >= 0
-        small = known_here & ((values & ~1).view(torch.float32) * num_known[columns] <= 2.0 * total_known[columns])
+        ranked_here = ranked[:, columns]
+        known_here = ranked_here >= 0
+        small = known_here & ((ranked_here & ~1).view(torch.float32) * num_known[columns]
+                              <= 2.0 * total_known[columns])
         small = small.float()
-        position = torch.arange(1, num_attributes + 1, device=components.device, dtype=torch.float32)[:, None]
-        common_ap[columns] = (small * small.cumsum(0) / position).sum(0) / small.sum(0).clamp_min(1.0)
+        ranks = torch.arange(1, num_attributes + 1, device=device, dtype=torch.float32)[:, None]
+        common_ap[columns] = (small * small.cumsum(0) / ranks).sum(0) / small.sum(0).clamp_min(1.0)
 
-    # Top-k: an attribute is in the pair's top k if its key reaches the k-th largest known key.
-    kth = (torch.clamp(num_known, max=top_k) - 1).clamp_min(0).long()
-    threshold = torch.stack(ranked[:top_k]).gather(0, kth.clamp_max(min(top_k, num_attributes) - 1)[None, :])
-    in_top_k = known & (keys >= threshold)
-    large = torch.gt(known_components * num_known, total_known)  # share > 1 / M_known
-    agree = known & (large == differ)
+    # Top-k: an attribute is in the pair's top k if its key reaches the k-th largest known key
+    # (unknown keys are negative, below any known one; pairs with nothing known have no top k).
+    depth = min(top_k, num_attributes)
+    kth = (num_known.clamp(max=depth) - 1).clamp_min(0).long()
+    threshold = ranked[:depth].gather(0, kth[None, :])
+    threshold.masked_fill_((num_known == 0)[None, :], torch.iinfo(torch.int32).max)
+    in_top_k = (keys >= threshold).to(torch.int32)
+    # Agreement: [share > 1 / M_known] equals [differs], over known attributes.
+    large = torch.gt(known_values * num_known[None, :], total_known[None, :]).to(torch.int32)
+    disagree = large ^ differ
+    if known is not None:
+        disagree &= known
+        known_count = _row_counts(known)
+    else:
+        known_count = torch.full((num_attributes,), num_pairs, dtype=torch.int32, device=device)
 
-    has_exclusive = num_differ >= 1
-    has_common = num_shared >= 1
-    zero = torch.zeros_like(exclusive_ap)
+    has_exclusive = num_differ >= 1.0
+    has_common = num_shared >= 1.0
     return PairExplanationStats(
-        exclusive_ap=torch.where(has_exclusive, exclusive_ap, zero).double(),
+        exclusive_ap=(exclusive_ap * has_exclusive).double(),
         has_exclusive=has_exclusive,
-        common_ap=torch.where(has_common, common_ap, zero).double(),
+        common_ap=(common_ap * has_common).double(),
         has_common=has_common,
-        top_k=(in_top_k).sum(1, dtype=torch.int32),
-        top_k_differ=(in_top_k & differ).sum(1, dtype=torch.int32),
-        differ=(differ).sum(1, dtype=torch.int32),
-        known=(known).sum(1, dtype=torch.int32),
-        agree=(agree).sum(1, dtype=torch.int32),
+        top_k=_row_counts(in_top_k),
+        top_k_differ=_row_counts(in_top_k & differ),
+        differ=_row_counts(differ),
+        known=known_count,
+        agree=known_count - _row_counts(disagree),
     )
+
+
+def _row_counts(values: torch.Tensor) -> torch.Tensor:
+    """(M,) sums of (M, n) int32 0/1 rows, kept in int32: the default int64 sum first copies the whole
+    block to int64, which costs more than everything else here."""
+    return values.sum(1, dtype=torch.int32)
 
 
 class RelativeErrorHistogram:
@@ -177,6 +214,13 @@ class RelativeErrorHistogram:
         self.maximum = max(self.maximum, float(errors.max()))
         logs = torch.log10(errors.clamp_min(10 ** self.LOG_MIN)).clamp(self.LOG_MIN, self.LOG_MAX)
         self.counts += torch.histc(logs, self.BINS, self.LOG_MIN, self.LOG_MAX).cpu()
+
+    def merge(self, other: RelativeErrorHistogram) -> None:
+        """Add another histogram's errors (e.g. one block's, computed on a worker thread)."""
+        self.counts += other.counts
+        self.total += other.total
+        self.count += other.count
+        self.maximum = max(self.maximum, other.maximum)
 
     @property
     def mean(self) -> float:
