@@ -34,7 +34,7 @@ def test_cached_batches_decompose_like_images(variant):
     torch.manual_seed(0)
     model = build_attrimeter("osnet_x0_25", 5, variant=variant, image_size=(64, 32)).eval()
     images = torch.randn(6, 3, 64, 32)
-    split = model._split
+    split = model.target_split
     with torch.no_grad():
         states = torch.stack([split.stem(images), split.stem(images.flip(3))], 1)
         maps = torch.stack([split.trunk(states[:, 0])[0], split.trunk(states[:, 1])[0]], 1)

@@ -170,7 +170,7 @@ def attribute_frequencies(plan: SyntheticPlan, schema: AttributeSchema) -> torch
 def _split_of(model: torch.nn.Module):
     # The AttriMeter's stem/trunk/tail split of its frozen target: the deletion test and the random-map
     # reference must run the target's own path from F to the embedding, which the model keeps there.
-    split = getattr(model, "_split", None)
+    split = getattr(model, "target_split", None)
     if split is None:
         raise FaithfulnessError(f"{type(model).__name__} is not an AttriMeter model (build_attrimeter)")
     return split

@@ -101,7 +101,7 @@ class TargetFeatureCache:
         """
         if len(items) == 0:
             raise FeatureCacheError("the training split is empty: nothing to cache")
-        split = model._split
+        split = model.target_split
         keep_stem = model.interpreter_trunk is not None
         device = torch.device(device)
         loader = DataLoader(_ImageList(items, transform), batch_size=batch_size, shuffle=False,
@@ -166,7 +166,7 @@ class TargetFeatureCache:
 def decompose_cached(model: torch.nn.Module, cached: dict, device: torch.device | str = "cpu") -> Decomposition:
     """``model.decompose`` from cached target features (a batch's ``CACHE_KEY`` entry): the same
     computation, minus the frozen stem and trunk."""
-    split = model._split
+    split = model.target_split
     feature_map = cached["feature_map"].to(device)
     with torch.no_grad():
         embedding = split.tail(feature_map, None)

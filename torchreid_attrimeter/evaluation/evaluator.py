@@ -4,8 +4,8 @@ the extraction loop that feeds it from a model and torchreid loaders.
 
 ``process`` only stores embeddings (the maps are dropped). ``evaluate`` walks chunks of queries and,
 within each, tiles of gallery columns, both sized by ``memory_budget_mb``. A tile is one batched product
-of the attribute embeddings; its pairs are then finished block by block, each block on one CPU thread
-while it sits in that core's cache (components from the products with the same code as
+of the attribute embeddings; its pairs are then finished block by block, each block while it sits in
+the CPU cache (components from the products with the same code as
 ``pairwise_components``, their mean, ADRE and the explanation metrics). Each query chunk is ranked
 against the whole gallery by the target and by the interpreter once its tiles are done. Nothing of size
 Q x G x M is ever held.
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import logging
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,12 +47,14 @@ SPLITS = ("query", "gallery")
 ADRE_MIN_DISTANCE = 1e-6
 # The memory budget is split evenly between a query chunk's (q, G) arrays (target and interpreter
 # distances and the ranking's temporaries, about 32 bytes per pair at their peak) and a tile's
-# (M, q, g) float32 inner products. Everything else is computed per block of pairs, a few MB per thread.
+# (M, q, g) float32 inner products. Everything else is computed per block of pairs (some 50 MB).
 _BYTES_PER_CHUNK_PAIR = 32
 _BYTES_PER_PAIR_ATTRIBUTE = 4
-# Pairs per block: the block's distances, keys and label masks stay in the CPU caches while every
-# per-pair metric is computed from them.
-_BLOCK_PAIRS = 16384
+# Pairs per block: (M, 65536) tensors of a few MB stay in the L3 cache while every per-pair metric is
+# computed from them, and their rows are long enough for torch to split each op across CPU threads.
+# (Blocks of a few thousand pairs on one Python thread each were slower: with ops of a few
+# microseconds, the threads spend their time handing the GIL to each other.)
+_BLOCK_PAIRS = 65536
 _TRIM_EVERY_BATCHES = 16
 _HASH_PRIME = 2_147_483_647  # 2^31 - 1: (index * multiplier) mod prime stays inside int64
 
@@ -265,7 +265,7 @@ class _Run:
     Per query chunk: the target distances to the whole gallery (ranked at once), then tiles of
     gallery columns. A tile is one batched product of the M attribute embeddings, (M, q, g), into a
     reused buffer; its rows are then cut into blocks of about ``_BLOCK_PAIRS`` pairs, each finished
-    (components, mean, ADRE, explanation metrics) by one CPU thread while it is in that core's cache.
+    (components, mean, ADRE, explanation metrics) while it is in the CPU cache.
     """
 
     def __init__(self, evaluator: ExplanationEvaluator, query: dict, gallery: dict, device: torch.device,
@@ -369,8 +369,8 @@ class _Run:
             rows_per_block = max(1, _BLOCK_PAIRS // len(tile))
             blocks = [slice(start, min(start + rows_per_block, len(q_pids)))
                       for start in range(0, len(q_pids), rows_per_block)]
-            for result in self.parallel_map(functools.partial(self.finish_block, work), blocks):
-                self.add_block(result)
+            for block in blocks:
+                self.add_block(self.finish_block(work, block))
         if reconstructed is not None:
             self.retrieval["interpreter"].add(query_rank_stats(reconstructed, q_pids, q_camids,
                                                                self.gallery_identities))
@@ -451,23 +451,6 @@ class _Run:
         for name in self.attribute_counts:
             self.attribute_counts[name] += getattr(stats, name).double().cpu()
 
-    def parallel_map(self, function, items: list) -> list:
-        """Run ``function`` over items on one Python thread per CPU thread, each op single-threaded.
-
-        The block computations are many small elementwise ops: splitting each across threads costs more
-        in synchronisation than it gains (badly so on a loaded machine), while whole blocks per thread
-        keep every core busy (torch releases the GIL inside its kernels).
-        """
-        workers = torch.get_num_threads()
-        if self.device.type != "cpu" or workers <= 1 or len(items) <= 1:
-            return [function(item) for item in items]
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                return list(pool.map(function, items))
-        finally:
-            torch.set_num_threads(workers)
-
     # -- results -------------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
@@ -539,7 +522,7 @@ class _Tile:
 
 @dataclass
 class _BlockResult:
-    """What one block of pairs adds to the run (computed on a worker thread, added on the main one)."""
+    """What one block of pairs adds to the run."""
 
     pairs: int
     adre_skipped: int = 0

@@ -53,6 +53,12 @@ class AttriMeter(nn.Module):
                                  if attribute_branch else None)
         self.target.eval()
 
+    @property
+    def target_split(self) -> TargetSplit:
+        """The frozen target's stem / trunk / tail (for callers that run the target's own path, e.g.
+        the feature cache and the faithfulness tests)."""
+        return self._split
+
     # --- modes and parameters -------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> AttriMeter:
