@@ -174,7 +174,7 @@ def test_counterfactual_refuses_unknown_attributes_and_no_op_changes():
 
 def test_default_size_is_small_but_not_trivial_and_labels_every_attribute():
     plan = plan_synthetic_dataset()
-    assert len(plan.train_pids) == 160 and len(plan.test_pids) == 100
+    assert len(plan.train_pids) == 400 and len(plan.test_pids) == 100
     per_identity = {}
     for planned in plan.images:
         if planned.identity is not None and planned.identity.pid > 0:

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="torchreid data root; the dataset goes to ROOT/synthetic_attr")
     parser.add_argument("--num-ids", type=int, default=None,
-                        help="train + test identities, split 8:5 (default: "
+                        help="train + test identities, split 4:1 (default: "
                              f"{defaults['num_train_identities']} + {defaults['num_test_identities']})")
     parser.add_argument("--num-train-ids", type=int, default=None)
     parser.add_argument("--num-test-ids", type=int, default=None)
