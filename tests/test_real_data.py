@@ -24,7 +24,9 @@ from torchreid_attrimeter.losses import AttributePriorLoss, DistanceDistillation
 from torchreid_attrimeter.models import build_attrimeter
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+# ../shared beside the repository, or wherever ATTRIMETER_SHARED points (a CI clone may live elsewhere).
+BESIDE_REPO = REPO.parent / "shared"  # where the configs point
+SHARED = Path(os.environ.get("ATTRIMETER_SHARED") or BESIDE_REPO)
 DATA_ROOT = SHARED / "data" / "dukemtmc-reid-dev"
 WEIGHTS = {"market1501": (SHARED / "weights" / "osnet_x0_25_market1501.pth", 751),
            "msmt17": (SHARED / "weights" / "osnet_x0_25_msmt17.pth", 1041)}
@@ -34,7 +36,8 @@ IMAGE_SIZE = (128, 64)
 pytestmark = [
     pytest.mark.real_data,
     pytest.mark.skipif(not (DATA_ROOT.is_dir() and all(path.is_file() for path, _ in WEIGHTS.values())),
-                       reason=f"real data / weights not found under {SHARED} (../shared beside the repository)"),
+                       reason=f"real data / weights not found under {SHARED} (../shared beside the repository, or set "
+                              "ATTRIMETER_SHARED)"),
 ]
 
 
@@ -65,8 +68,8 @@ def test_dataset_reads_the_dev_split_with_labels_for_every_identity(duke):
 def test_configs_point_at_the_shared_checkpoints(name):
     cfg = load_config(CONFIGS[name])
     weights, _ = WEIGHTS[name]
-    assert (REPO / cfg.model.load_weights).resolve() == weights.resolve()
-    assert (REPO / cfg.data.root).resolve() == DATA_ROOT.resolve()
+    assert (REPO / cfg.model.load_weights).resolve() == (BESIDE_REPO / weights.relative_to(SHARED)).resolve()
+    assert (REPO / cfg.data.root).resolve() == (BESIDE_REPO / DATA_ROOT.relative_to(SHARED)).resolve()
     assert cfg.data.sources == ["dukemtmcreid_attr"] and cfg.attrimeter.cache_target_features
 
 

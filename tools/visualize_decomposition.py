@@ -3,7 +3,7 @@ index.html (offline, every image embedded).
 
     python tools/visualize_decomposition.py --config-file configs/attrimeter_synthetic_demo.yaml \\
         --output log/report --num-queries 8
-    python tools/visualize_decomposition.py --checkpoint log/demo/model/model.pth.tar-30 \\
+    python tools/visualize_decomposition.py --checkpoint demo_output/attrimeter/model/model.pth.tar-20 \\
         --dataset synthetic_attr --root reid-data --queries 0 5 0001_c1s1_000101_00.jpg --output report
 
 With a config, the checkpoint is the latest in data.save_dir (or --checkpoint), the dataset is
