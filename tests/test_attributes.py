@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import scipy.io
+from real_material import DUKE_ATTRIBUTE_FILE  # tests/ helper, not a package
 
 from torchreid_attrimeter.attributes import (
     AttributeFileError,
@@ -21,11 +22,7 @@ from torchreid_attrimeter.attributes import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::torchreid_attrimeter.attributes.AttributeIrregularityWarning")
 
-# ../shared beside the repository, or wherever ATTRIMETER_SHARED points (as in test_real_data.py).
-REAL_DUKE_FILE = os.path.join(
-    os.environ.get("ATTRIMETER_SHARED") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                        "..", "shared"),
-    "data", "dukemtmc-reid-dev", "dukemtmc-reid", "DukeMTMC-reID", "duke_attribute.mat")
+REAL_DUKE_FILE = str(DUKE_ATTRIBUTE_FILE)
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
 MARKET_FIELDS = ("age", "backpack", "bag", "handbag", "downblack", "downblue", "downbrown", "downgray",

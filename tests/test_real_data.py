@@ -9,10 +9,10 @@ Nothing read here is copied into the repository.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from real_material import BESIDE_REPO, DUKE_DEV_ROOT, REPO, SHARED  # tests/ helper, not a package
 
 from torchreid_attrimeter import compat
 from torchreid_attrimeter.config import load_config
@@ -23,11 +23,7 @@ from torchreid_attrimeter.feature_cache import CachedTrainLoader, TargetFeatureC
 from torchreid_attrimeter.losses import AttributePriorLoss, DistanceDistillationLoss
 from torchreid_attrimeter.models import build_attrimeter
 
-REPO = Path(__file__).resolve().parent.parent
-# ../shared beside the repository, or wherever ATTRIMETER_SHARED points (a CI clone may live elsewhere).
-BESIDE_REPO = REPO.parent / "shared"  # where the configs point
-SHARED = Path(os.environ.get("ATTRIMETER_SHARED") or BESIDE_REPO)
-DATA_ROOT = SHARED / "data" / "dukemtmc-reid-dev"
+DATA_ROOT = DUKE_DEV_ROOT
 WEIGHTS = {"market1501": (SHARED / "weights" / "osnet_x0_25_market1501.pth", 751),
            "msmt17": (SHARED / "weights" / "osnet_x0_25_msmt17.pth", 1041)}
 CONFIGS = {name: REPO / "configs" / f"attrimeter_dukemtmcreid_dev_osnet_x0_25_{name}.yaml" for name in WEIGHTS}
