@@ -31,6 +31,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["torchreid_attrimeter", "torchreid_attrimeter.*"]),
     include_package_data=True,
+    # the evaluator's C kernel is compiled from this source on first use (evaluation/native_metrics.py)
+    package_data={"torchreid_attrimeter.evaluation": ["pair_metrics.c"]},
     # Lower bounds only: an upper bound or an exact pin would make pip replace an installed
     # (multi-GB) torch build.
     install_requires=["torch>=1.13", "torchvision>=0.14", "torchreid>=0.2.5", *TORCHREID_RUNTIME],

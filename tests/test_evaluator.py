@@ -14,6 +14,7 @@ from torchreid_attrimeter.evaluation import (
     ExplanationEvaluator,
     extract_decompositions,
     format_table,
+    native_metrics,
     pair_explanation_stats,
 )
 from torchreid_attrimeter.evaluation.explanation_metrics import (
@@ -150,6 +151,14 @@ def splits():
     return make_split(generator, 9, identity_attributes), make_split(generator, 23, identity_attributes)
 
 
+@pytest.fixture(params=[True, False], ids=["kernel", "torch"])
+def native(request):
+    """Both ways of finishing the pairs: the fused C kernel and the torch path."""
+    if request.param and native_metrics.load_kernel() is None:
+        pytest.skip("no C compiler: the evaluator's kernel cannot be built here")
+    return request.param
+
+
 def run(query, gallery, batch=4, **options):
     options.setdefault("progress", False)
     evaluator = ExplanationEvaluator(NAMES, **options)
@@ -176,10 +185,10 @@ def assert_matches_reference(results, reference):
 # -- tests ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_every_metric_matches_the_slow_reference_over_all_pairs(splits, metric):
+def test_every_metric_matches_the_slow_reference_over_all_pairs(splits, metric, native):
     query, gallery = splits
     reference = reference_results(query, gallery, metric)
-    results = run(query, gallery, metric=metric)
+    results = run(query, gallery, native=native, metric=metric)
     assert_matches_reference(results, reference)
     assert results["explained_pairs"] == 9 * 23
     assert results["X-mAP_c_pairs"] > results["X-mAP_e_pairs"] - 9 * 23  # N = 0 pairs counted in X-mAP_c
@@ -191,10 +200,10 @@ def test_the_fixture_has_pairs_with_nothing_differing(splits):
     assert int(same.sum()) > 20
 
 
-def test_results_do_not_depend_on_the_tiling(splits):
+def test_results_do_not_depend_on_the_tiling(splits, native):
     query, gallery = splits
-    big = run(query, gallery, memory_budget_mb=64)
-    tiny = run(query, gallery, memory_budget_mb=0.002)  # tiles of a few pairs
+    big = run(query, gallery, native=native, memory_budget_mb=64)
+    tiny = run(query, gallery, native=native, memory_budget_mb=0.002)  # tiles of a few pairs
     for key, value in big.items():
         if isinstance(value, float):
             assert tiny[key] == pytest.approx(value, abs=1e-4), key  # float32 products per tile shape
@@ -202,13 +211,13 @@ def test_results_do_not_depend_on_the_tiling(splits):
             assert tiny[key] == value, key
 
 
-def test_topk_mode_explains_only_each_querys_nearest_gallery_images(splits):
+def test_topk_mode_explains_only_each_querys_nearest_gallery_images(splits, native):
     query, gallery = splits
     target = torch.cdist(query["decomposition"].embedding, gallery["decomposition"].embedding)
     nearest = torch.topk(target, 4, dim=1, largest=False).indices
     pairs = [(q, int(g)) for q in range(9) for g in nearest[q]]
     reference = reference_results(query, gallery, "euclidean", pairs=pairs)
-    results = run(query, gallery, pairs="topk", topk=4)
+    results = run(query, gallery, native=native, pairs="topk", topk=4)
     assert results["explained_pairs"] == len(pairs)
     assert results["interpreter_mAP"] is None  # needs every pair
     assert results["target_mAP"] == pytest.approx(reference["target_mAP"], abs=1e-4)
@@ -216,20 +225,20 @@ def test_topk_mode_explains_only_each_querys_nearest_gallery_images(splits):
         assert results[key] == pytest.approx(reference[key], abs=1e-4), key
 
 
-def test_pair_subsample_is_deterministic_and_the_requested_size(splits):
+def test_pair_subsample_is_deterministic_and_the_requested_size(splits, native):
     query, gallery = splits
-    first = run(query, gallery, pair_fraction=0.5, seed=3)
-    again = run(query, gallery, pair_fraction=0.5, seed=3, memory_budget_mb=0.002)
+    first = run(query, gallery, native=native, pair_fraction=0.5, seed=3)
+    again = run(query, gallery, native=native, pair_fraction=0.5, seed=3, memory_budget_mb=0.002)
     assert first["explained_pairs"] == again["explained_pairs"]
     assert first["X-mAP_e"] == pytest.approx(again["X-mAP_e"], abs=1e-9)
     assert 0.3 * 207 < first["explained_pairs"] < 0.7 * 207
-    assert first["target_mAP"] == pytest.approx(run(query, gallery)["target_mAP"])  # retrieval: every pair
+    assert first["target_mAP"] == pytest.approx(run(query, gallery, native=native)["target_mAP"])  # retrieval: every pair
 
 
-def test_adre_percentiles_follow_the_error_distribution(splits):
+def test_adre_percentiles_follow_the_error_distribution(splits, native):
     query, gallery = splits
     errors = reference_results(query, gallery, "euclidean")["ADRE_errors"]
-    results = run(query, gallery)
+    results = run(query, gallery, native=native)
     for percentile in (50, 90):
         exact = 100 * np.percentile(errors, percentile, method="inverted_cdf")
         assert results[f"ADRE_p{percentile}"] == pytest.approx(exact, rel=0.02)
@@ -271,9 +280,9 @@ def test_sorting_network_sorts_like_torch_sort(size):
     assert all(first < second < size for first, second in descending_sorting_network(size))
 
 
-def test_without_attribute_labels_the_attribute_metrics_are_unavailable(splits):
+def test_without_attribute_labels_the_attribute_metrics_are_unavailable(splits, native):
     query, gallery = splits
-    evaluator = ExplanationEvaluator(NAMES, progress=False)
+    evaluator = ExplanationEvaluator(NAMES, native=native, progress=False)
     for split, data in (("query", query), ("gallery", gallery)):
         evaluator.process(data["decomposition"], data["pids"], data["camids"], split=split)
     results = evaluator.evaluate()
@@ -350,7 +359,9 @@ def test_benchmark_script_runs_small():
     spec = importlib.util.spec_from_file_location("benchmark_evaluator", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    report = module.main(["--quick", "--num-query", "60", "--num-gallery", "200", "--num-identities", "20"])
+    report = module.main(["--quick", "--num-query", "60", "--num-gallery", "200", "--num-identities", "20",
+                          "--torch-path"])
+    assert report["torch_path_max_difference"] < 1e-3  # percent points: both paths give the same figures
     assert report["evaluate_rank_max_cmc_difference"] == 0.0
     assert report["evaluate_rank_mAP_difference"] < 1e-9
     assert report["explanation_evaluation_s"] > 0 and report["results"]["X-mAP_e"] is not None

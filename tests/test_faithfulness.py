@@ -26,6 +26,7 @@ from torchreid_attrimeter.faithfulness import (
     format_faithfulness_table,
     identity_labels,
     pair_shares,
+    region_maps,
     score_attribution,
     topk_hit_rate,
 )
@@ -118,8 +119,15 @@ def _pairs(count: int) -> list[CounterfactualPair]:
             kind, changed, image = "a", (0,), _changed(pixels, slice(0, 8), slice(0, 4), 100 + index)
         else:
             kind, changed, image = "b", (1,), _changed(pixels, slice(8, 16), slice(4, 8), 100 + index)
-        pairs.append(CounterfactualPair(f"image{index}", kind, kind, changed, Image.fromarray(pixels), image))
+        pairs.append(CounterfactualPair(f"image{index}", kind, kind, changed, Image.fromarray(pixels), image,
+                                        _REGIONS))
     return pairs
+
+
+# Where the toy attributes are drawn: 'a' in the pixels of region A, 'b' in those of B, 'c' nowhere.
+_REGIONS = np.zeros((3, HEIGHT, WIDTH), dtype=bool)
+_REGIONS[0, 0:8, 0:4] = True
+_REGIONS[1, 8:16, 4:8] = True
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -177,8 +185,11 @@ def test_counterfactual_attribution_is_perfect_for_hand_set_maps(explainer):
         assert scores["pairs"] == 4 and scores["mean_target_distance"] > 0
         assert scores["top1"] == pytest.approx(100.0) and scores["changed_share"] == pytest.approx(100.0, abs=1.0)
     assert results["zero_distance_pairs"] == 0 and results["pairs"] == 8
+    # the region oracle's maps are the regions themselves: as right as the hand-set maps
+    assert results["methods"]["region_oracle"]["top1"] == pytest.approx(100.0)
+    assert all(scores["region_oracle_top1"] == pytest.approx(100.0) for scores in results["per_change"].values())
     table = format_faithfulness_table({"counterfactual": results})
-    assert "interpreter" in table and "random_maps" in table
+    assert "interpreter" in table and "random_maps" in table and "region oracle" in table
 
 
 def test_random_maps_are_shared_within_a_pair(explainer):
@@ -189,6 +200,15 @@ def test_random_maps_are_shared_within_a_pair(explainer):
     assert torch.allclose(shares.sum(dim=1), torch.ones(4), atol=1e-5)
     _, again = pair_shares(explainer, images, images[::-1], random_maps_seed=3)
     assert torch.equal(shares, again)
+
+
+def test_region_maps_pool_the_regions_to_the_feature_grid():
+    maps = region_maps(_REGIONS[None], (4, 2), floor=0.0)
+    assert maps.shape == (1, 3, 4, 2)
+    assert maps[0, 0].tolist() == [[4.0, 0.0], [4.0, 0.0], [0.0, 0.0], [0.0, 0.0]]  # mean 1, all in A
+    assert torch.equal(maps[0, 2], torch.ones(4, 2))  # drawn nowhere: the target's own pooling
+    floored = region_maps(_REGIONS[None], (4, 2))
+    assert bool((floored > 0).all()) and floored.mean(dim=(2, 3))[0].tolist() == pytest.approx([1.0] * 3)
 
 
 def test_deletion_of_the_top_map_removes_the_whole_distance(explainer):
@@ -236,6 +256,13 @@ def test_counterfactual_pairs_change_exactly_the_named_attribute(tiny_plan):
         else:
             assert pair.changed == (m,) and pair.kind == name
         assert not np.array_equal(np.asarray(pair.counterfactual), original), name
+        # the region of the changed attribute is exactly where the counterfactual differs
+        assert pair.regions is pairs[0].regions and pair.regions.shape == (schema.num_attributes, 64, 32)
+        assert np.array_equal(pair.regions[m], (np.asarray(pair.counterfactual) != original).any(axis=-1))
+    only_hat = build_counterfactual_pairs(tiny_plan, schema, max_images=1, seed=0, attributes=["hat"])
+    assert len(only_hat) == 1 and only_hat[0].regions.any(axis=(1, 2)).all()  # every region all the same
+    assert np.array_equal(only_hat[0].regions[schema.index("hat")], pairs[schema.index("hat")].regions[
+        schema.index("hat")])
 
 
 def test_frequencies_and_labels_follow_the_schema(tiny_plan):

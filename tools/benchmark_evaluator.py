@@ -5,8 +5,9 @@ Measured in one run: torchreid's Python ``evaluate_rank`` versus ours on the sam
 bound, the M plain (Q x D) @ (D x G) products it cannot avoid, and the peak resident memory of the
 explanation part (measured before the torchreid comparison allocates its own (Q, G) arrays).
 
-    python tools/benchmark_evaluator.py            # 3,368 x 15,913, D = 512, M = 26
-    python tools/benchmark_evaluator.py --quick    # a few hundred images, for tests
+    python tools/benchmark_evaluator.py               # 3,368 x 15,913, D = 512, M = 26
+    python tools/benchmark_evaluator.py --torch-path  # also the torch path (no C compiler), same data
+    python tools/benchmark_evaluator.py --quick       # a few hundred images, for tests
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes (300 x 1,200, D = 64) for a smoke test")
     parser.add_argument("--skip-torchreid", action="store_true", help="do not time torchreid's evaluate_rank")
+    parser.add_argument("--torch-path", action="store_true",
+                        help="also time the evaluator's torch path (what runs without a C compiler) on the same data")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_query, args.num_gallery, args.num_identities, args.dim = 300, 1200, 100, 64
@@ -85,7 +88,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from torchreid_attrimeter import compat
     from torchreid_attrimeter.decomposition import pairwise_distance
-    from torchreid_attrimeter.evaluation import ExplanationEvaluator, evaluate_rank
+    from torchreid_attrimeter.evaluation import ExplanationEvaluator, evaluate_rank, native_metrics
 
     generator = torch.Generator().manual_seed(args.seed)
     query, gallery = random_split(generator, args.num_query, args), random_split(generator, args.num_gallery, args)
@@ -117,6 +120,17 @@ def main(argv=None) -> dict:
     report["matmul_lower_bound_s"] = min(bound_before, bound_after)
     report["explanation_over_lower_bound"] = report["explanation_evaluation_s"] / report["matmul_lower_bound_s"]
     report["results"] = {key: value for key, value in results.items() if key != "per_attribute"}
+    report["fused_kernel"] = evaluator.native is not False and native_metrics.usable(torch.device("cpu"),
+                                                                                     args.num_attributes)
+    if args.torch_path:
+        evaluator.native = False  # evaluate() again on the stored embeddings, block by block in torch
+        start = time.perf_counter()
+        torch_results = evaluator.evaluate()
+        report["torch_path_evaluation_s"] = elapsed + time.perf_counter() - start
+        report["torch_path_over_lower_bound"] = report["torch_path_evaluation_s"] / report["matmul_lower_bound_s"]
+        report["torch_path_max_difference"] = max(
+            abs(value - torch_results[key]) for key, value in results.items()
+            if isinstance(value, float) and isinstance(torch_results[key], float))
     evaluator.reset()
 
     distmat = pairwise_distance(embeddings["query"], embeddings["gallery"]).numpy()

@@ -12,7 +12,7 @@ METRICS = ("euclidean", "cosine")
 
 # Squared distances are clamped before the square root so that identical pairs (the diagonal of
 # a training batch) get a finite zero gradient instead of an infinite one.
-_SQUARED_DISTANCE_FLOOR = 1e-12
+SQUARED_DISTANCE_FLOOR = 1e-12
 
 
 @dataclass
@@ -114,9 +114,9 @@ def distances_from_products(
     squared = torch.add(query_norms.unsqueeze(-1), products, alpha=-2.0)
     if torch.is_grad_enabled() and squared.requires_grad:
         # clamp's backward needs its input: no in-place steps while autograd records.
-        return (squared + gallery_norms.unsqueeze(-2)).clamp_min(_SQUARED_DISTANCE_FLOOR).sqrt()
+        return (squared + gallery_norms.unsqueeze(-2)).clamp_min(SQUARED_DISTANCE_FLOOR).sqrt()
     squared.add_(gallery_norms.unsqueeze(-2))
-    return squared.clamp_min_(_SQUARED_DISTANCE_FLOOR).sqrt_()
+    return squared.clamp_min_(SQUARED_DISTANCE_FLOOR).sqrt_()
 
 
 def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:

@@ -9,7 +9,10 @@ Two tests:
   Measured: top-1 / top-k attribution accuracy and the share given to the changed attribute(s), for the
   interpreter and for three references that know nothing about attributes: uniform shares, shares
   proportional to the attributes' frequency in the training labels, and a random-map interpreter
-  (the same target and tail, random positive maps).
+  (the same target and tail, random positive maps). A fourth reference knows everything the renderer
+  knows: the region oracle's map of each attribute is where that attribute is drawn in the image
+  (the pixels that change when it is flipped), pooled to the feature grid. It is what spatial maps
+  can do on this target at this resolution, an upper reference for any interpreter.
 - **Feature-level deletion** (any images): for a pair, the region where the top attribute's map is
   largest is removed from the target's feature map F of both images (F ⊙ (1 − mask) through the
   target's own tail), and the drop of the target distance is compared with removing a random region
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +59,7 @@ __all__ = [
     "identity_labels",
     "pair_shares",
     "random_positive_maps",
+    "region_maps",
     "score_attribution",
     "topk_hit_rate",
 ]
@@ -76,6 +80,8 @@ class CounterfactualPair:
 
     changed: schema indices whose label differs between the two (1 for a binary attribute, 2 for a
         colour change: the old colour goes off, the new one on).
+    regions: (M, H, W) bool, where each schema attribute is drawn in the original image (the pixels
+        that change when it alone is flipped), shared by the pairs of one image; None if unknown.
     """
 
     image_name: str
@@ -84,6 +90,7 @@ class CounterfactualPair:
     changed: tuple[int, ...]
     original: Image.Image
     counterfactual: Image.Image
+    regions: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def identity_labels(schema: AttributeSchema, identity: IdentitySpec) -> np.ndarray:
@@ -137,20 +144,33 @@ def build_counterfactual_pairs(plan: SyntheticPlan, schema: AttributeSchema, *,
     if max_images is not None and max_images < len(images):
         images = [images[i] for i in sorted(rng.choice(len(images), size=max_images, replace=False))]
     size = (int(plan.parameters["image_height"]), int(plan.parameters["image_width"]))
+    # Regions of attributes not in ``names`` need renders of their own, drawn with a separate
+    # generator so that the pairs do not depend on whether regions were needed.
+    region_rng = np.random.default_rng(seed + 1)
     pairs = []
     for planned in images:
         original = render_person(planned.identity, planned.camera, planned.view, size)
+        pixels = np.asarray(original)
+        regions = np.zeros((schema.num_attributes, *pixels.shape[:2]), dtype=bool)
+        image_pairs = []
         for name in names:
             change = _change_for(name, planned.identity, rng)
             if change is None:
                 continue
             image, changed_identity = render_counterfactual(planned.identity, planned.camera, planned.view,
                                                             change[0], change[1], size)
+            regions[schema.attributes.index(name)] = (np.asarray(image) != pixels).any(axis=-1)
             kind = change[0].replace("_", " ")
             label = kind if change[1] is None else f"{kind} {getattr(planned.identity, change[0])} -> {change[1]}"
-            pairs.append(CounterfactualPair(planned.name, kind, label,
-                                            changed_attributes(schema, planned.identity, changed_identity),
-                                            original, image))
+            image_pairs.append((kind, label, changed_attributes(schema, planned.identity, changed_identity), image))
+        for index, name in enumerate(schema.attributes):
+            change = None if name in names else _change_for(name, planned.identity, region_rng)
+            if change is not None:
+                image, _ = render_counterfactual(planned.identity, planned.camera, planned.view, change[0],
+                                                 change[1], size)
+                regions[index] = (np.asarray(image) != pixels).any(axis=-1)
+        pairs.extend(CounterfactualPair(planned.name, kind, label, changed, original, image, regions)
+                     for kind, label, changed, image in image_pairs)
     if not pairs:
         raise FaithfulnessError(f"none of the attributes {names} can be changed by the synthetic generator")
     return pairs
@@ -199,6 +219,21 @@ def random_positive_maps(shape: Sequence[int], generator: torch.Generator) -> to
     return positive_map(torch.randn(*shape, generator=generator))
 
 
+# Every region map also sees a little of the whole image, as the interpreter's positive maps do.
+REGION_MAP_FLOOR = 0.05
+
+
+def region_maps(regions: np.ndarray, size: Sequence[int], floor: float = REGION_MAP_FLOOR) -> torch.Tensor:
+    """Region-oracle maps (B, M, h, w) from drawn regions (B, M, H, W) bool: the fraction of each
+    feature cell's pixels inside the region, plus ``floor``, scaled to mean 1 (the target's own
+    average pooling is the map of ones, which an attribute drawn nowhere gets)."""
+    cells = torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(np.asarray(regions), dtype=torch.float32),
+                                                    tuple(size))
+    maps = cells + floor
+    mean = maps.mean(dim=(2, 3), keepdim=True)
+    return torch.where(mean > 0, maps / mean.clamp_min(1e-12), torch.ones_like(maps))  # drawn nowhere: ones
+
+
 def _diagonal_shares(first: Decomposition, second: Decomposition, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Aligned pairs (i with i): target distance (B,) and shares (B, M)."""
     distances = pairwise_components(first, second, metric)
@@ -207,27 +242,33 @@ def _diagonal_shares(first: Decomposition, second: Decomposition, metric: str) -
 
 
 def pair_shares(explainer, images_a: Sequence, images_b: Sequence, *, random_maps_seed: int | None = None,
-                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                regions: Sequence[np.ndarray] | None = None, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Target distance (N,) and shares (N, M) of aligned pairs (images_a[i], images_b[i]).
 
-    With ``random_maps_seed`` the interpreter's maps are replaced by random positive maps, the same
-    maps for both images of a pair (so the reference sees the image change, not map noise).
+    With ``random_maps_seed`` the interpreter's maps are replaced by random positive maps, with
+    ``regions`` (one (M, H, W) bool array per pair) by their ``region_maps``: either way the same maps
+    for both images of a pair (so the reference sees the image change, not map noise).
     """
     if len(images_a) != len(images_b):
         raise FaithfulnessError(f"{len(images_a)} first images for {len(images_b)} second images")
+    if regions is not None and len(regions) != len(images_a):
+        raise FaithfulnessError(f"{len(regions)} region arrays for {len(images_a)} pairs")
     generator = torch.Generator().manual_seed(int(random_maps_seed or 0))
     distances, shares = [], []
     for start in range(0, len(images_a), batch_size):
         inputs_a, _ = explainer.prepare(images_a[start:start + batch_size])
         inputs_b, _ = explainer.prepare(images_b[start:start + batch_size])
         inputs_a, inputs_b = inputs_a.to(explainer.device), inputs_b.to(explainer.device)
-        if random_maps_seed is None:
+        if random_maps_seed is None and regions is None:
             with torch.no_grad():
                 first = explainer.model.decompose(inputs_a).detach()
                 second = explainer.model.decompose(inputs_b).detach()
         else:
             size = target_features(explainer.model, inputs_a[:1])[0].shape[2:]
-            maps = random_positive_maps((len(inputs_a), len(explainer.attribute_names), *size), generator)
+            if regions is None:
+                maps = random_positive_maps((len(inputs_a), len(explainer.attribute_names), *size), generator)
+            else:
+                maps = region_maps(np.stack(regions[start:start + batch_size]), size)
             maps = maps.to(explainer.device)
             first = decompose_with_maps(explainer.model, inputs_a, maps)
             second = decompose_with_maps(explainer.model, inputs_b, maps)
@@ -313,6 +354,9 @@ def counterfactual_benchmark(explainer, pairs: Sequence[CounterfactualPair], sch
         "frequency": (frequencies / frequencies.sum().clamp_min(1e-12)).expand(len(pairs), -1),
         "random_maps": random_shares,
     }
+    if all(pair.regions is not None for pair in pairs):
+        _, references["region_oracle"] = pair_shares(explainer, originals, counterfactuals,
+                                                     regions=[pair.regions for pair in pairs], batch_size=batch_size)
     groups = _group_mask(schema, changed)
     kinds = [pair.kind for pair in pairs]
     kind_rows = {kind: torch.tensor([k == kind for k in kinds]) for kind in dict.fromkeys(kinds)}
@@ -333,6 +377,10 @@ def counterfactual_benchmark(explainer, pairs: Sequence[CounterfactualPair], sch
         }
         for kind, rows in kind_rows.items()
     }
+    if "region_oracle" in references:
+        oracle_top1 = topk_hit_rate(references["region_oracle"], changed, 1)
+        for kind, rows in kind_rows.items():
+            per_change[kind]["region_oracle_top1"] = 100.0 * float(oracle_top1[rows].mean())
     return {
         "pairs": len(pairs),
         "images": len({pair.image_name for pair in pairs}),
@@ -448,10 +496,13 @@ def format_faithfulness_table(results: dict[str, Any]) -> str:
         for name, scores in methods.items():
             lines.append(f"{name:<14s}" + "".join(f"{scores[column]:>15.2f}" for column in columns))
         lines.append("")
-        lines.append(f"{'changed':<18s}{'pairs':>7s}{'distance':>10s}{'top1':>9s}{'share':>9s}   (interpreter)")
+        with_oracle = all("region_oracle_top1" in scores for scores in counterfactual["per_change"].values())
+        lines.append(f"{'changed':<18s}{'pairs':>7s}{'distance':>10s}{'top1':>9s}{'share':>9s}   (interpreter)"
+                     + ("   region oracle top1" if with_oracle else ""))
         for kind, scores in counterfactual["per_change"].items():
             lines.append(f"{kind:<18s}{scores['pairs']:>7d}{scores['mean_target_distance']:>10.3f}"
-                         f"{scores['top1']:>9.2f}{scores['changed_share']:>9.2f}")
+                         f"{scores['top1']:>9.2f}{scores['changed_share']:>9.2f}"
+                         + (f"{scores['region_oracle_top1']:>24.2f}" if with_oracle else ""))
     deletion = results.get("deletion")
     if deletion:
         if lines:

@@ -4,11 +4,12 @@ the extraction loop that feeds it from a model and torchreid loaders.
 
 ``process`` only stores embeddings (the maps are dropped). ``evaluate`` walks chunks of queries and,
 within each, tiles of gallery columns, both sized by ``memory_budget_mb``. A tile is one batched product
-of the attribute embeddings; its pairs are then finished block by block, each block while it sits in
-the CPU cache (components from the products with the same code as
-``pairwise_components``, their mean, ADRE and the explanation metrics). Each query chunk is ranked
-against the whole gallery by the target and by the interpreter once its tiles are done. Nothing of size
-Q x G x M is ever held.
+of the attribute embeddings; its pairs are then finished (components from the products, their mean,
+ADRE and the explanation metrics). On CPU one call of the fused C kernel (``native_metrics``) does
+that for the whole tile on every core; otherwise (CUDA, no C compiler) torch does it block by block,
+each block while it sits in the CPU cache, with the code of ``pairwise_components`` and
+``pair_explanation_stats``. Each query chunk is ranked against the whole gallery by the target and by
+the interpreter once its tiles are done. Nothing of size Q x G x M is ever held.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ import torch
 from tqdm.auto import tqdm
 
 from torchreid_attrimeter.decomposition import (
+    SQUARED_DISTANCE_FLOOR,
     Decomposition,
     check_metric,
     distance_terms,
     distances_from_products,
     pairwise_distance,
 )
+from torchreid_attrimeter.evaluation import native_metrics
 from torchreid_attrimeter.evaluation.explanation_metrics import (
-    PairExplanationStats,
     RelativeErrorHistogram,
+    descending_sorting_network,
     pair_explanation_stats,
 )
 from torchreid_attrimeter.evaluation.ranking import GalleryIdentities, query_rank_stats
@@ -76,6 +79,9 @@ class ExplanationEvaluator:
         memory_budget_mb: working memory of the evaluation: half for a chunk of queries' distances to
             the whole gallery, half for a tile's attribute products (the stored embeddings come on top).
         device: where tiles are computed (default: where the embeddings are).
+        native: on CPU, finish each tile's pairs with the fused C kernel (``native_metrics``): None
+            (default) uses it when it can be compiled, False always uses the torch path, True
+            requires the kernel.
         progress: show a tqdm bar.
     """
 
@@ -91,6 +97,7 @@ class ExplanationEvaluator:
         memory_budget_mb: float = 512.0,
         device: torch.device | str | None = None,
         seed: int = 0,
+        native: bool | None = None,
         progress: bool = True,
     ):
         self.attribute_names = tuple(attribute_names)
@@ -111,6 +118,9 @@ class ExplanationEvaluator:
         self.memory_budget_mb = float(memory_budget_mb)
         self.device = None if device is None else torch.device(device)
         self.seed = int(seed)
+        if native not in (None, True, False):
+            raise ValueError(f"native must be None (automatic), True or False, got {native!r}")
+        self.native = native
         self.progress = progress
         self.reset()
 
@@ -291,13 +301,49 @@ class _Run:
                                                                   "agree")}
         self.multiplier = int(torch.randint(1, _HASH_PRIME - 1, (1,),
                                             generator=torch.Generator().manual_seed(evaluator.seed)))
+        self.native = self.use_native(evaluator.native)
         if with_attributes:
-            # Attribute-major int32 0/1 labels: a block's (M, pairs) masks are one XOR / AND each.
             for data in (query, gallery):
-                data["labels_by_attribute"] = data["attributes"].t().to(device, torch.int32).contiguous()
-                data["known_by_attribute"] = data["known"].t().to(device, torch.int32).contiguous()
-                data["all_known"] = data["known"].all(1).to(device)
+                if self.native:
+                    # One 64-bit mask per image: a pair's differing / known attributes are one XOR / AND.
+                    data["label_bits"] = native_metrics.label_masks(data["attributes"])
+                    data["known_bits"] = native_metrics.label_masks(data["known"])
+                else:
+                    # Attribute-major int32 0/1 labels: a block's (M, pairs) masks are one XOR / AND each.
+                    data["labels_by_attribute"] = data["attributes"].t().to(device, torch.int32).contiguous()
+                    data["known_by_attribute"] = data["known"].t().to(device, torch.int32).contiguous()
+                    data["all_known"] = data["known"].all(1).to(device)
         self.products_buffer = torch.empty(0, device=device)
+        self.gallery_norms = self.all_gallery_norms()
+
+    def all_gallery_norms(self) -> torch.Tensor | None:
+        """(M, G) squared norms of the gallery's attribute embeddings ('euclidean'), computed once per
+        run rather than once per tile of every query chunk; None for 'cosine'."""
+        if self.options.metric == "cosine":
+            return None
+        embeddings = self.gallery["attribute_embeddings"]
+        step = 4096  # gallery rows at a time: the squares are a temporary copy
+        return torch.cat([distance_terms(embeddings[:, start:start + step].to(self.device), "euclidean")[1]
+                          for start in range(0, embeddings.shape[1], step)], dim=1)
+
+    def gallery_terms(self, index: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``distance_terms`` of the gallery images ``index`` (a slice, or a tensor of indices)."""
+        rows = index if isinstance(index, slice) else index.cpu()
+        embeddings = self.gallery["attribute_embeddings"][:, rows].to(self.device)
+        if self.gallery_norms is None:
+            return distance_terms(embeddings, self.options.metric)
+        return embeddings, self.gallery_norms[:, index].contiguous()
+
+    def use_native(self, requested: bool | None) -> bool:
+        if requested is False:
+            return False
+        usable = native_metrics.usable(self.device, self.num_attributes)
+        if requested and not usable:
+            raise RuntimeError(
+                f"native=True, but the C kernel cannot evaluate here (device {self.device}, "
+                f"{self.num_attributes} attributes, at most {native_metrics.MAX_ATTRIBUTES}; see the log for "
+                "the compiler's message): use native=None to fall back to the torch path")
+        return usable
 
     # -- tiling --------------------------------------------------------------------------------------
 
@@ -358,14 +404,15 @@ class _Run:
             tile = columns[first:first + tile_columns]
             # Every gallery image in 'all' mode: a contiguous slice, read without a copy.
             gallery_index = slice(int(tile[0]), int(tile[-1]) + 1) if selected is None else tile
-            gallery_attributes, gallery_norms = distance_terms(
-                self.gallery["attribute_embeddings"][:, gallery_index.cpu() if selected is not None
-                                                     else gallery_index].to(self.device), metric)
+            gallery_attributes, gallery_norms = self.gallery_terms(gallery_index)
             tile_selected = selected[:, first:first + len(tile)] if selected is not None else None
             work = _Tile(rows=rows, columns=tile, gallery_index=gallery_index, first_column=first,
                          products=self.products(query_attributes, gallery_attributes), query_norms=query_norms,
                          gallery_norms=gallery_norms, target=target[:, gallery_index], selected=tile_selected,
                          reconstructed=reconstructed)
+            if self.native:
+                self.add_block(self.finish_tile_natively(work))
+                continue
             rows_per_block = max(1, _BLOCK_PAIRS // len(tile))
             blocks = [slice(start, min(start + rows_per_block, len(q_pids)))
                       for start in range(0, len(q_pids), rows_per_block)]
@@ -390,6 +437,37 @@ class _Run:
                                    else None)
         return self.block_result(components, work.target[block], mean_components, pair_mask, query_rows,
                                  work.gallery_index)
+
+    def finish_tile_natively(self, work: _Tile) -> _BlockResult:
+        """What ``finish_block`` computes, for every pair of the tile in one call of the C kernel."""
+        columns = len(work.columns)
+        reconstructed = (None if work.reconstructed is None
+                         else work.reconstructed[:, work.first_column:work.first_column + columns])
+        pair_mask = self.subsample(work.rows, work.columns, work.selected)
+        labels = None
+        if self.with_attributes:
+            labels = (self.query["label_bits"][work.rows], self.query["known_bits"][work.rows],
+                      self.gallery["label_bits"][work.gallery_index], self.gallery["known_bits"][work.gallery_index])
+        totals = native_metrics.tile_totals(
+            work.products, work.query_norms, work.gallery_norms, work.target, reconstructed, pair_mask, labels,
+            squared_floor=SQUARED_DISTANCE_FLOOR, top_k=self.options.top_attributes,
+            comparators=self.comparators, adre_min_distance=ADRE_MIN_DISTANCE,
+            histogram_range=(RelativeErrorHistogram.LOG_MIN, RelativeErrorHistogram.LOG_MAX,
+                             RelativeErrorHistogram.BINS),
+            num_threads=torch.get_num_threads())
+        if totals.nonfinite:
+            raise ValueError(_NOT_FINITE.format(name="attribute components"))
+        result = _BlockResult(pairs=totals.pairs, adre_skipped=totals.adre_skipped)
+        result.relative_error.add_counts(totals.histogram, totals.error_sum, totals.error_count, totals.error_max)
+        if self.with_attributes:
+            result.exclusive_sum, result.exclusive_pairs = totals.exclusive_sum, totals.exclusive_pairs
+            result.common_sum, result.common_pairs = totals.common_sum, totals.common_pairs
+            result.counts = totals.counts
+        return result
+
+    @property
+    def comparators(self) -> np.ndarray:
+        return np.asarray(descending_sorting_network(self.num_attributes), dtype=np.int32).reshape(-1, 2)
 
     def subsample(self, rows: slice, tile: torch.Tensor, pair_mask: torch.Tensor | None) -> torch.Tensor | None:
         """pair_mask restricted to the deterministic subsample, for query rows ``rows`` (global) x ``tile``."""
@@ -434,22 +512,24 @@ class _Run:
         everything_known = bool(self.query["all_known"][query_rows].all()) and bool(
             self.gallery["all_known"][gallery_index].all())
         known = None if everything_known else pair_labels("known_by_attribute", torch.bitwise_and)
-        result.stats = pair_explanation_stats(flat_components, differ, known, self.options.top_attributes)
+        stats = pair_explanation_stats(flat_components, differ, known, self.options.top_attributes)
+        result.exclusive_sum, result.exclusive_pairs = float(stats.exclusive_ap.sum()), int(stats.has_exclusive.sum())
+        result.common_sum, result.common_pairs = float(stats.common_ap.sum()), int(stats.has_common.sum())
+        result.counts = {name: getattr(stats, name) for name in native_metrics.COUNT_NAMES}
         return result
 
     def add_block(self, result: _BlockResult) -> None:
         self.explained_pairs += result.pairs
         self.adre_skipped += result.adre_skipped
         self.relative_error.merge(result.relative_error)
-        stats = result.stats
-        if stats is None:
+        if result.counts is None:
             return
-        self.exclusive_sum += float(stats.exclusive_ap.sum())
-        self.exclusive_pairs += int(stats.has_exclusive.sum())
-        self.common_sum += float(stats.common_ap.sum())
-        self.common_pairs += int(stats.has_common.sum())
+        self.exclusive_sum += result.exclusive_sum
+        self.exclusive_pairs += result.exclusive_pairs
+        self.common_sum += result.common_sum
+        self.common_pairs += result.common_pairs
         for name in self.attribute_counts:
-            self.attribute_counts[name] += getattr(stats, name).double().cpu()
+            self.attribute_counts[name] += result.counts[name].double().cpu()
 
     # -- results -------------------------------------------------------------------------------------
 
@@ -522,12 +602,17 @@ class _Tile:
 
 @dataclass
 class _BlockResult:
-    """What one block of pairs adds to the run."""
+    """What one block (torch path) or tile (C kernel) of pairs adds to the run; counts are None
+    without attribute labels."""
 
     pairs: int
     adre_skipped: int = 0
     relative_error: RelativeErrorHistogram = field(default_factory=RelativeErrorHistogram)
-    stats: PairExplanationStats | None = None
+    exclusive_sum: float = 0.0
+    exclusive_pairs: int = 0
+    common_sum: float = 0.0
+    common_pairs: int = 0
+    counts: dict[str, torch.Tensor] | None = None  # native_metrics.COUNT_NAMES -> (M,)
 
 
 class _RetrievalAccumulator:
@@ -563,9 +648,12 @@ class _RetrievalAccumulator:
         return results
 
 
+_NOT_FINITE = "{name} contain NaN/inf: check the model's embeddings (e.g. evaluate with amp=False)"
+
+
 def _check_finite(values: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{name} contain NaN/inf: check the model's embeddings (e.g. evaluate with amp=False)")
+        raise ValueError(_NOT_FINITE.format(name=name))
 
 
 def _percent(value: float) -> float | None:

@@ -1,5 +1,7 @@
 """Per-pair explanation metrics of the method page §6 on blocks of pairs, vectorised over pairs:
 X-mAP_e, X-mAP_c (with the N = 0 rule), top-k attribute precision/recall and attribute agreement.
+This is the definition the evaluator's C kernel (pair_metrics.c, used on CPU) follows step by step;
+the tests hold the two to each other.
 
 Layout: attribute-major, (M, n) for n pairs, the layout ``pairwise_components`` produces internally,
 so that each attribute is one contiguous row. Ranking M attributes of every pair uses a sorting network
@@ -214,6 +216,15 @@ class RelativeErrorHistogram:
         self.maximum = max(self.maximum, float(errors.max()))
         logs = torch.log10(errors.clamp_min(10 ** self.LOG_MIN)).clamp(self.LOG_MIN, self.LOG_MAX)
         self.counts += torch.histc(logs, self.BINS, self.LOG_MIN, self.LOG_MAX).cpu()
+
+    def add_counts(self, counts: torch.Tensor, total: float, count: int, maximum: float) -> None:
+        """Add errors already binned on this histogram's bins (the evaluator's C kernel does that)."""
+        if count == 0:
+            return
+        self.counts += counts.double().cpu()
+        self.total += float(total)
+        self.count += int(count)
+        self.maximum = max(self.maximum, float(maximum))
 
     def merge(self, other: RelativeErrorHistogram) -> None:
         """Add another histogram's errors (e.g. one block's, computed on a worker thread)."""

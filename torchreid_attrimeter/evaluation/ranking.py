@@ -20,6 +20,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from torchreid_attrimeter.evaluation import native_metrics
+
 logger = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
@@ -148,17 +150,35 @@ def query_rank_stats(
         match_rows[by_row]]
     sorted_matches = torch.full((num_rows, max_matches), float("inf"), dtype=distances.dtype, device=device)
     sorted_matches[match_rows[by_row], rank_in_row] = match_distances[by_row]
-    # Boundaries p_1, p_1+, p_2, p_2+, ... (p+ = next float up): an image lands in bin 2i if exactly i
-    # matches are strictly closer and none is at its distance, in bin 2i + 1 if it ties with match i + 1.
-    boundaries = torch.stack([sorted_matches, torch.nextafter(sorted_matches, sorted_matches.new_tensor(
-        float("inf")))], dim=2).reshape(num_rows, 2 * max_matches)
-    bin_index = torch.searchsorted(boundaries, distances.contiguous(), right=True, out_int32=True)
+    # Bin 2i: exactly i matches strictly closer and none at the image's distance; bin 2i + 1: i strictly
+    # closer and a match at exactly its distance (a tie with match i + 1).
     num_bins = 2 * max_matches + 1
-    bin_index += (torch.arange(num_rows, device=device, dtype=torch.int32) * num_bins)[:, None]
-    histogram = torch.bincount(bin_index.view(-1), minlength=num_rows * num_bins)
+    # For torch input the ties are settled as a stable sort settles them (lower gallery column first),
+    # which the C kernel does while counting: the matches' columns, in the same (distance, column) order.
+    sorted_columns = None
+    if tie_order_source is None:
+        sorted_columns = torch.full((num_rows, max_matches), distances.shape[1], dtype=torch.long, device=device)
+        sorted_columns[match_rows[by_row], rank_in_row] = match_cols[by_row]
+    histogram = native_metrics.match_bins(sorted_matches, distances, sorted_columns)
+    if histogram is not None:  # the C kernel counts the matches below each image
+        own_distances, candidates = distances[rows, cols][:, None], sorted_matches[rows]
+        if sorted_columns is None:
+            own_bins = 2 * (candidates < own_distances).sum(1) + (candidates == own_distances).any(1).long()
+        else:
+            closer = (candidates < own_distances) | ((candidates == own_distances)
+                                                     & (sorted_columns[rows] < cols[:, None]))
+            own_bins = 2 * closer.sum(1)
+    else:
+        # The boundaries p_1, p_1+, p_2, p_2+, ... (p+ = next float up) give the same bins with one
+        # searchsorted.
+        boundaries = torch.stack([sorted_matches, torch.nextafter(sorted_matches, sorted_matches.new_tensor(
+            float("inf")))], dim=2).reshape(num_rows, 2 * max_matches)
+        bin_index = torch.searchsorted(boundaries, distances.contiguous(), right=True, out_int32=True)
+        own_bins = bin_index[rows, cols].long()
+        bin_index += (torch.arange(num_rows, device=device, dtype=torch.int32) * num_bins)[:, None]
+        histogram = torch.bincount(bin_index.view(-1), minlength=num_rows * num_bins).view(num_rows, num_bins)
     # Images of the query's own identity (matches and junk) never push a match down: take them out.
-    histogram.index_add_(0, bin_index[rows, cols].long(), torch.full_like(rows, -1))
-    histogram = histogram.view(num_rows, num_bins)
+    histogram.index_put_((rows, own_bins), torch.full_like(rows, -1), accumulate=True)
     # A non-match at exactly a match's distance makes the order depend on the sorting algorithm.
     tied = histogram[:, 1::2].sum(1) > 0
     # nonmatches_before[q, j-1]: non-matches strictly closer than the j-th match.

@@ -1,0 +1,255 @@
+"""The evaluator's fused CPU kernel (``pair_metrics.c``): compiled with the system C compiler on first
+use, cached, and called through ctypes, so nothing is built at install time and no extra package is
+needed. Where it cannot be used (no compiler, a CUDA device, more than 64 attributes, or
+``ATTRIMETER_NATIVE=0``) the evaluator runs the same metrics with torch operations, block by block.
+
+Like torchreid's Cython ``evaluate_rank`` with its Python fallback, the two paths compute the same
+definitions; the tests hold them to each other and to slow references.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("pair_metrics.c")
+MAX_ATTRIBUTES = 64  # labels travel as one 64-bit mask per image
+# -ffp-contract=off: no fused multiply-adds, so float32 results round like torch's element-wise ops.
+# -fno-math-errno: sqrt needs no errno (its argument is clamped positive), so it vectorises (2x faster).
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+_NUM_SUMS, _NUM_TALLIES, _NUM_COUNTS = 4, 6, 5
+COUNT_NAMES = ("top_k", "top_k_differ", "differ", "known", "agree")  # the order of the C enum
+
+
+class _Tile(ctypes.Structure):
+    """Mirror of ``Tile`` in pair_metrics.c (same field order and types)."""
+
+    _fields_ = [
+        ("num_attributes", ctypes.c_int64), ("rows", ctypes.c_int64), ("columns", ctypes.c_int64),
+        ("products", ctypes.c_void_p), ("query_norms", ctypes.c_void_p), ("gallery_norms", ctypes.c_void_p),
+        ("squared_floor", ctypes.c_float),
+        ("target", ctypes.c_void_p), ("target_stride", ctypes.c_int64),
+        ("reconstructed", ctypes.c_void_p), ("reconstructed_stride", ctypes.c_int64),
+        ("pair_mask", ctypes.c_void_p),
+        ("query_labels", ctypes.c_void_p), ("query_known", ctypes.c_void_p),
+        ("gallery_labels", ctypes.c_void_p), ("gallery_known", ctypes.c_void_p),
+        ("top_k", ctypes.c_int64),
+        ("comparators", ctypes.c_void_p), ("num_comparators", ctypes.c_int64),
+        ("adre_min_distance", ctypes.c_float),
+        ("log_min", ctypes.c_double), ("log_max", ctypes.c_double), ("bins", ctypes.c_int64),
+        ("num_threads", ctypes.c_int64),
+        ("sums", ctypes.c_void_p), ("tallies", ctypes.c_void_p), ("histogram", ctypes.c_void_p),
+        ("counts", ctypes.c_void_p),
+    ]
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("ATTRIMETER_NATIVE_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torchreid_attrimeter"
+
+
+def _machine_key(compiler: str) -> str:
+    """What the compiled library depends on: source, flags, compiler and (for -march=native) the CPU."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join([compiler, *_FLAGS, platform.machine()]).encode())
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30,
+                                 check=False).stdout
+        digest.update(version.encode())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            digest.update(next((line for line in handle if line.startswith("flags")), "").encode())
+    except OSError:
+        pass
+    return digest.hexdigest()[:16]
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename: concurrent first uses never load a half-written library.
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True, check=False,
+                                text=True, timeout=300)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed on {SOURCE}: {result.stderr.strip()[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+@cache
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (the reason is logged once) when it cannot be had."""
+    if os.environ.get("ATTRIMETER_NATIVE", "1") == "0":
+        logger.info("ATTRIMETER_NATIVE=0: the evaluator uses its torch path")
+        return None
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        logger.warning("no C compiler ('%s') found: the evaluator uses its slower torch path on CPU "
+                       "(install gcc, or set CC, to get the fused kernel)", compiler)
+        return None
+    target = _cache_dir() / f"pair_metrics-{_machine_key(compiler)}.so"
+    try:
+        if not target.exists():
+            logger.info("compiling the evaluator's kernel into %s", target)
+            _build(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except OSError as error:
+        logger.warning("the evaluator's C kernel is unavailable (%s): using the torch path", error)
+        return None
+    library.attrimeter_tile_metrics.argtypes = [ctypes.POINTER(_Tile)]
+    library.attrimeter_tile_metrics.restype = ctypes.c_int
+    library.attrimeter_match_bins.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [
+        ctypes.c_void_p, ctypes.c_int64]
+    library.attrimeter_match_bins.restype = ctypes.c_int
+    return library
+
+
+def usable(device: torch.device, num_attributes: int) -> bool:
+    """Whether a tile on ``device`` with ``num_attributes`` components can go through the kernel."""
+    return device.type == "cpu" and 1 <= num_attributes <= MAX_ATTRIBUTES and load_kernel() is not None
+
+
+def match_bins(matches: torch.Tensor, values: torch.Tensor,
+               match_columns: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(c, 2K + 1) int64 per-row histogram of where the values fall among the row's matches: bin 2i
+    holds values with exactly i matches strictly closer and none at their distance, bin 2i + 1 those
+    with i strictly closer and a match at exactly their distance (see ``ranking.query_rank_stats``).
+    With ``match_columns`` (c, K), the gallery column of each match, ties are settled as a stable sort
+    does: a match at the same distance is closer when its column is lower (only even bins are used).
+
+    matches (c, K) increasing per row (padded with +inf) and values (c, G), float32 on CPU; None when
+    the kernel cannot take them (other device or dtype, no compiler), for the caller's torch path.
+    """
+    tensors = (matches, values)
+    if any(tensor.device.type != "cpu" or tensor.dtype != torch.float32 for tensor in tensors):
+        return None
+    library = load_kernel()
+    if library is None:
+        return None
+    rows, columns = values.shape
+    matches = matches.contiguous()
+    if match_columns is not None:
+        match_columns = match_columns.to(torch.int64).contiguous()
+    if values.stride(1) != 1:
+        values = values.contiguous()
+    counts = torch.zeros(rows, 2 * matches.shape[1] + 1, dtype=torch.int64)
+    library.attrimeter_match_bins(matches.data_ptr(), _pointer(match_columns), values.data_ptr(), values.stride(0),
+                                  rows, columns, matches.shape[1], counts.data_ptr(), torch.get_num_threads())
+    return counts
+
+
+def label_masks(labels: torch.Tensor) -> torch.Tensor:
+    """(N, M) bool or 0/1 labels, M <= 64 -> (N,) int64 whose bit m is label m (uint64 in C)."""
+    values = labels.cpu().numpy().astype(np.uint64)
+    bits = (values << np.arange(values.shape[1], dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    return torch.from_numpy(bits.view(np.int64).copy())
+
+
+@dataclass
+class TileTotals:
+    """What the kernel adds up over a tile's selected pairs (see ``tile_totals``)."""
+
+    pairs: int
+    nonfinite: int
+    adre_skipped: int
+    error_sum: float
+    error_count: int
+    error_max: float
+    histogram: torch.Tensor  # (bins,) float64
+    exclusive_sum: float
+    exclusive_pairs: int
+    common_sum: float
+    common_pairs: int
+    counts: dict[str, torch.Tensor]  # COUNT_NAMES -> (M,) int64
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def tile_totals(
+    products: torch.Tensor,
+    query_norms: torch.Tensor | None,
+    gallery_norms: torch.Tensor | None,
+    target: torch.Tensor,
+    reconstructed: torch.Tensor | None,
+    pair_mask: torch.Tensor | None,
+    labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    *,
+    squared_floor: float,
+    top_k: int,
+    comparators: np.ndarray,
+    adre_min_distance: float,
+    histogram_range: tuple[float, float, int],
+    num_threads: int,
+) -> TileTotals:
+    """Every per-pair metric of a tile in one multi-threaded pass.
+
+    products (M, q, g) float32 contiguous; query_norms (M, q) / gallery_norms (M, g) float32 contiguous,
+    or None for cosine; target (q, g) float32 with unit column stride; reconstructed (q, g) float32
+    view with unit column stride to receive the mean component, or None; pair_mask (q, g) bool or None
+    (every pair); labels (query labels, query known, gallery labels, gallery known) as ``label_masks``,
+    or None; comparators (C, 2) int32, the descending sorting network over M.
+    """
+    library = load_kernel()
+    if library is None:
+        raise RuntimeError("the evaluator's C kernel is not available")
+    num_attributes, rows, columns = products.shape
+    for name, tensor in (("products", products), ("query_norms", query_norms), ("gallery_norms", gallery_norms)):
+        if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous float32")
+    for name, tensor in (("target", target), ("reconstructed", reconstructed)):
+        if tensor is not None and (tensor.dtype != torch.float32 or tensor.shape != (rows, columns)
+                                   or tensor.stride(1) != 1):
+            raise ValueError(f"{name} must be a ({rows}, {columns}) float32 view with unit column stride")
+    mask = None if pair_mask is None else pair_mask.to(torch.uint8).contiguous()
+    label_parts = [None] * 4 if labels is None else [part.contiguous() for part in labels]
+    comparators = np.ascontiguousarray(comparators, dtype=np.int32)
+    log_min, log_max, bins = histogram_range
+    threads = max(1, min(int(num_threads), 64, rows))
+    sums = torch.zeros(threads, _NUM_SUMS, dtype=torch.float64)
+    tallies = torch.zeros(threads, _NUM_TALLIES, dtype=torch.int64)
+    histogram = torch.zeros(threads, bins, dtype=torch.float64)
+    counts = torch.zeros(threads, _NUM_COUNTS, num_attributes, dtype=torch.int64)
+    tile = _Tile(
+        num_attributes, rows, columns, products.data_ptr(), _pointer(query_norms), _pointer(gallery_norms),
+        squared_floor, target.data_ptr(), target.stride(0),
+        _pointer(reconstructed), 0 if reconstructed is None else reconstructed.stride(0), _pointer(mask),
+        *(_pointer(part) for part in label_parts), top_k,
+        comparators.ctypes.data, len(comparators), adre_min_distance, log_min, log_max, bins, threads,
+        sums.data_ptr(), tallies.data_ptr(), histogram.data_ptr(), counts.data_ptr(),
+    )
+    if library.attrimeter_tile_metrics(ctypes.byref(tile)) != 0:
+        raise ValueError(f"the kernel takes 1 to {MAX_ATTRIBUTES} attributes, got {num_attributes}")
+    tally = tallies.sum(0).tolist()
+    if (tallies[:, 5] < 0).any():
+        raise MemoryError("the evaluator's C kernel could not allocate its working memory")
+    total = sums.sum(0).tolist()
+    return TileTotals(
+        pairs=tally[0], exclusive_pairs=tally[1], common_pairs=tally[2], error_count=tally[3],
+        adre_skipped=tally[4], nonfinite=tally[5], exclusive_sum=total[0], common_sum=total[1],
+        error_sum=total[2], error_max=float(sums[:, 3].max()), histogram=histogram.sum(0),
+        counts={name: counts[:, index].sum(0) for index, name in enumerate(COUNT_NAMES)},
+    )

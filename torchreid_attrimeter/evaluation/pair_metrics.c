@@ -1,0 +1,383 @@
+/* Fused per-pair explanation metrics for one tile of the evaluator (CPU), compiled on first use by
+ * native_metrics.py and called through ctypes.
+ *
+ * It computes, for every query x gallery pair of a tile, exactly what the torch path computes block by
+ * block (evaluator._Run.finish_block / block_result and explanation_metrics.pair_explanation_stats):
+ * the M attribute components from the inner products, their mean (the interpreter's distance), the
+ * relative error against the target distance (ADRE histogram), and, when attribute labels are known,
+ * the ranking metrics X-mAP_e, X-mAP_c and the per-attribute top-k / agreement counts.
+ *
+ * Why it exists: the torch path spends ~45 whole-array passes per block (a few microseconds of
+ * dispatch each) and uses one core for the element-wise work. Here each group of W pairs stays in the
+ * L1 cache from products to counts, loops run over the W pairs of an attribute so the compiler
+ * vectorises them, and the tile's query rows are split over threads (no GIL involved).
+ *
+ * The definitions (ranking keys, Batcher network, AP formulas, the N = 0 rule, histogram bins) are the
+ * ones documented in explanation_metrics.py; the comparators and every constant come from Python.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define W 64       /* pairs per group: (M, W) arrays of a few KB */
+#define MAX_M 64   /* attribute labels travel as one 64-bit mask per image */
+#define UNKNOWN_KEY (-2)
+
+enum { SUM_EXCLUSIVE, SUM_COMMON, SUM_ERROR, SUM_ERROR_MAX, NUM_SUMS };
+enum { TALLY_PAIRS, TALLY_EXCLUSIVE, TALLY_COMMON, TALLY_ERRORS, TALLY_SKIPPED, TALLY_NONFINITE, NUM_TALLIES };
+enum { COUNT_TOP_K, COUNT_TOP_K_DIFFER, COUNT_DIFFER, COUNT_KNOWN, COUNT_AGREE, NUM_COUNTS };
+
+typedef struct {
+    int64_t num_attributes, rows, columns;
+    const float *products;       /* (M, rows, columns) */
+    const float *query_norms;    /* (M, rows), NULL for cosine */
+    const float *gallery_norms;  /* (M, columns), NULL for cosine */
+    float squared_floor;
+    const float *target;         /* (rows, columns) with row stride target_stride */
+    int64_t target_stride;
+    float *reconstructed;        /* (rows, columns) with row stride reconstructed_stride, or NULL */
+    int64_t reconstructed_stride;
+    const uint8_t *pair_mask;    /* (rows, columns) 0/1, or NULL: every pair */
+    const uint64_t *query_labels, *query_known;      /* (rows,) bit m = attribute m; NULL: no labels */
+    const uint64_t *gallery_labels, *gallery_known;  /* (columns,) */
+    int64_t top_k;
+    const int32_t *comparators;  /* (num_comparators, 2) descending sorting network over M */
+    int64_t num_comparators;
+    float adre_min_distance;
+    double log_min, log_max;
+    int64_t bins;
+    int64_t num_threads;
+    /* outputs, one slice per thread, zeroed by the caller */
+    double *sums;        /* (threads, NUM_SUMS) */
+    int64_t *tallies;    /* (threads, NUM_TALLIES) */
+    double *histogram;   /* (threads, bins) */
+    int64_t *counts;     /* (threads, NUM_COUNTS, M) */
+} Tile;
+
+typedef struct {
+    const Tile *tile;
+    int64_t thread, first_row, last_row;
+} Work;
+
+static inline int32_t float_bits(float value) {
+    int32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+static inline float bits_float(int32_t bits) {
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* Components (M, n) of row `row`, columns [column, column + n). */
+static void group_components(const Tile *t, int64_t row, int64_t column, int64_t n, float comp[][W]) {
+    const int64_t M = t->num_attributes;
+    for (int64_t m = 0; m < M; m++) {
+        const float *products = t->products + (m * t->rows + row) * t->columns + column;
+        float *out = comp[m];
+        if (t->query_norms == NULL) {
+            for (int64_t w = 0; w < n; w++) out[w] = 1.0f - products[w];
+        } else {
+            const float query_norm = t->query_norms[m * t->rows + row];
+            const float *gallery_norms = t->gallery_norms + m * t->columns + column;
+            const float floor = t->squared_floor;
+            for (int64_t w = 0; w < n; w++) {
+                float squared = (query_norm + (-2.0f) * products[w]) + gallery_norms[w];
+                out[w] = sqrtf(squared > floor ? squared : floor);
+            }
+        }
+    }
+}
+
+static void relative_errors(const Tile *t, int64_t row, int64_t column, int64_t n, const float *mean,
+                            const uint8_t *mask, double *sums, int64_t *tallies, double *histogram) {
+    const float *target = t->target + row * t->target_stride + column;
+    const double scale = (double)t->bins / (t->log_max - t->log_min);
+    const double smallest = pow(10.0, t->log_min);
+    for (int64_t w = 0; w < n; w++) {
+        if (!mask[w]) continue;
+        if (!(target[w] > t->adre_min_distance)) {
+            tallies[TALLY_SKIPPED]++;
+            continue;
+        }
+        const float error = fabsf(target[w] - mean[w]) / target[w];
+        const double value = (double)error;
+        sums[SUM_ERROR] += value;
+        if (value > sums[SUM_ERROR_MAX]) sums[SUM_ERROR_MAX] = value;
+        tallies[TALLY_ERRORS]++;
+        double logarithm = log10(value > smallest ? value : smallest);
+        if (logarithm > t->log_max) logarithm = t->log_max;
+        if (logarithm < t->log_min) logarithm = t->log_min;
+        int64_t bin = (int64_t)((logarithm - t->log_min) * scale);
+        if (bin >= t->bins) bin = t->bins - 1;
+        histogram[bin] += 1.0;
+    }
+}
+
+/* X-mAP_e, X-mAP_c, top-k and agreement of n pairs whose components are comp (M, n). */
+static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int64_t n, float comp[][W],
+                                const uint8_t *mask, double *sums, int64_t *tallies, int64_t *counts) {
+    const int64_t M = t->num_attributes;
+    int32_t keys[MAX_M][W], ranked[MAX_M][W];
+    float total[W], num_differ[W], num_shared[W], num_known[W], exclusive[W], common[W];
+    float differ_seen[W], shared_seen[W];
+    int32_t threshold[W];
+    uint64_t differ_bits[W], known_bits[W];
+    const uint64_t query_labels = t->query_labels[row], query_known = t->query_known[row];
+
+    for (int64_t w = n; w < W; w++) {  /* padding: unknown, ranked last */
+        known_bits[w] = differ_bits[w] = 0;
+        total[w] = 0.0f;
+    }
+    for (int64_t w = 0; w < n; w++) {
+        const uint64_t known = query_known & t->gallery_known[column + w];
+        known_bits[w] = known;
+        differ_bits[w] = (query_labels ^ t->gallery_labels[column + w]) & known;
+        const int differ_count = __builtin_popcountll(differ_bits[w]);
+        const int known_count = __builtin_popcountll(known);
+        num_differ[w] = (float)differ_count;
+        num_known[w] = (float)known_count;
+        num_shared[w] = (float)(known_count - differ_count);
+        total[w] = 0.0f;
+    }
+    /* Keys: float bits of the clamped component, lowest bit = differs; UNKNOWN_KEY where unknown. */
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t w = 0; w < W; w++) {
+            const float value = comp[m][w] > 0.0f ? comp[m][w] : 0.0f;
+            const int32_t known = (int32_t)((known_bits[w] >> m) & 1u);
+            const int32_t differ = (int32_t)((differ_bits[w] >> m) & 1u);
+            comp[m][w] = known ? value : 0.0f;  /* from here on: the known components */
+            total[w] += comp[m][w];
+            const int32_t key = (float_bits(value) & ~1) | differ;
+            keys[m][w] = known ? key : UNKNOWN_KEY;
+            ranked[m][w] = keys[m][w];
+        }
+    }
+    for (int64_t c = 0; c < t->num_comparators; c++) {
+        int32_t *first = ranked[t->comparators[2 * c]], *second = ranked[t->comparators[2 * c + 1]];
+        for (int64_t w = 0; w < W; w++) {
+            const int32_t a = first[w], b = second[w];
+            first[w] = a > b ? a : b;
+            second[w] = a > b ? b : a;
+        }
+    }
+    /* AP of the decreasing order (relevant = differs) and of the increasing order (relevant = shared). */
+    for (int64_t w = 0; w < n; w++) exclusive[w] = common[w] = differ_seen[w] = shared_seen[w] = 0.0f;
+    for (int64_t m = 0; m < M; m++) {
+        const float inverse_position = 1.0f / (float)(m + 1);
+        for (int64_t w = 0; w < n; w++) {
+            const float differ = (float)(ranked[m][w] & 1);
+            const float shared = (ranked[m][w] >= 0 ? 1.0f : 0.0f) - differ;
+            differ_seen[w] += differ;
+            shared_seen[w] += shared;
+            exclusive[w] += inverse_position * differ * differ_seen[w];
+            float increasing_position = num_known[w] - (float)m;
+            if (increasing_position < 1.0f) increasing_position = 1.0f;
+            common[w] += shared * (num_shared[w] + 1.0f - shared_seen[w]) / increasing_position;
+        }
+    }
+    for (int64_t w = 0; w < n; w++) {
+        if (num_differ[w] == 0.0f && num_known[w] > 0.0f) {
+            /* N = 0: decreasing shares, relevant = shares <= 2 / M_known. */
+            float small_seen = 0.0f, sum = 0.0f;
+            for (int64_t m = 0; m < M; m++) {
+                const int32_t key = ranked[m][w];
+                const float small = (key >= 0 && bits_float(key & ~1) * num_known[w] <= 2.0f * total[w]) ? 1.0f
+                                                                                                        : 0.0f;
+                small_seen += small;
+                sum += small * small_seen / (float)(m + 1);
+            }
+            common[w] = sum / (small_seen > 1.0f ? small_seen : 1.0f);
+        } else {
+            common[w] /= num_shared[w] > 1.0f ? num_shared[w] : 1.0f;
+        }
+        exclusive[w] /= num_differ[w] > 1.0f ? num_differ[w] : 1.0f;
+        const int64_t depth = t->top_k < M ? t->top_k : M;
+        int64_t kth = ((int64_t)num_known[w] < depth ? (int64_t)num_known[w] : depth) - 1;
+        if (kth < 0) kth = 0;
+        threshold[w] = num_known[w] == 0.0f ? INT32_MAX : ranked[kth][w];
+        if (!mask[w]) continue;
+        tallies[TALLY_PAIRS]++;
+        if (num_differ[w] >= 1.0f) {
+            sums[SUM_EXCLUSIVE] += (double)exclusive[w];
+            tallies[TALLY_EXCLUSIVE]++;
+        }
+        if (num_shared[w] >= 1.0f) {
+            sums[SUM_COMMON] += (double)common[w];
+            tallies[TALLY_COMMON]++;
+        }
+    }
+    /* Per attribute: in the top k, differs, known, and agreement [share > 1 / M_known] == differs. */
+    for (int64_t m = 0; m < M; m++) {
+        int64_t top_k = 0, top_k_differ = 0, differ_count = 0, known_count = 0, agree = 0;
+        for (int64_t w = 0; w < n; w++) {
+            const int64_t use = mask[w];
+            const int64_t known = (int64_t)((known_bits[w] >> m) & 1u) & use;
+            const int64_t differ = (int64_t)((differ_bits[w] >> m) & 1u) & use;
+            const int64_t in_top_k = (keys[m][w] >= threshold[w]) & use;
+            const int64_t large = comp[m][w] * num_known[w] > total[w];
+            top_k += in_top_k;
+            top_k_differ += in_top_k & differ;
+            differ_count += differ;
+            known_count += known;
+            agree += known & !(large ^ differ);
+        }
+        counts[COUNT_TOP_K * M + m] += top_k;
+        counts[COUNT_TOP_K_DIFFER * M + m] += top_k_differ;
+        counts[COUNT_DIFFER * M + m] += differ_count;
+        counts[COUNT_KNOWN * M + m] += known_count;
+        counts[COUNT_AGREE * M + m] += agree;
+    }
+}
+
+/* --- threads -------------------------------------------------------------------------------------- */
+
+#define MAX_THREADS 64
+
+/* Threads for `rows` rows: at least 1, at most one per row and MAX_THREADS. */
+static int64_t thread_count(int64_t requested, int64_t rows) {
+    int64_t threads = requested < 1 ? 1 : requested;
+    if (threads > rows) threads = rows > 0 ? rows : 1;
+    return threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
+/* work(item i) for each of `count` items, one thread each; the calling thread takes the last item,
+ * and any item whose thread could not be started. */
+static void run_parallel(void *(*work)(void *), void *items, size_t item_size, int64_t count) {
+    pthread_t handles[MAX_THREADS];
+    int launched[MAX_THREADS] = {0};
+    for (int64_t index = 0; index < count; index++) {
+        void *item = (char *)items + index * item_size;
+        if (index < count - 1 && pthread_create(&handles[index], NULL, work, item) == 0) {
+            launched[index] = 1;
+        } else {
+            work(item);
+        }
+    }
+    for (int64_t index = 0; index < count; index++)
+        if (launched[index]) pthread_join(handles[index], NULL);
+}
+
+static void *run_rows(void *argument) {
+    const Work *work = (const Work *)argument;
+    const Tile *t = work->tile;
+    const int64_t M = t->num_attributes;
+    double *sums = t->sums + work->thread * NUM_SUMS;
+    int64_t *tallies = t->tallies + work->thread * NUM_TALLIES;
+    double *histogram = t->histogram + work->thread * t->bins;
+    int64_t *counts = t->counts + work->thread * NUM_COUNTS * M;
+    float (*comp)[W] = calloc(MAX_M, sizeof *comp);
+    float mean[W];
+    uint8_t mask[W];
+    if (comp == NULL) {
+        tallies[TALLY_NONFINITE] = -1;  /* out of memory: the caller raises */
+        return NULL;
+    }
+    for (int64_t row = work->first_row; row < work->last_row; row++) {
+        for (int64_t column = 0; column < t->columns; column += W) {
+            const int64_t n = t->columns - column < W ? t->columns - column : W;
+            group_components(t, row, column, n, comp);
+            for (int64_t w = 0; w < n; w++) mean[w] = 0.0f;
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t w = 0; w < n; w++) mean[w] += comp[m][w];
+            for (int64_t w = 0; w < n; w++) {
+                mean[w] /= (float)M;
+                if (!isfinite(mean[w])) tallies[TALLY_NONFINITE]++;
+            }
+            if (t->reconstructed != NULL)
+                memcpy(t->reconstructed + row * t->reconstructed_stride + column, mean, n * sizeof(float));
+            int any = 0;
+            for (int64_t w = 0; w < W; w++) {
+                mask[w] = w < n ? (t->pair_mask == NULL ? 1 : t->pair_mask[row * t->columns + column + w]) : 0;
+                any |= mask[w];
+            }
+            if (!any) continue;
+            relative_errors(t, row, column, n, mean, mask, sums, tallies, histogram);
+            if (t->query_labels == NULL) {
+                for (int64_t w = 0; w < n; w++) tallies[TALLY_PAIRS] += mask[w];
+                continue;
+            }
+            explanation_metrics(t, row, column, n, comp, mask, sums, tallies, counts);
+        }
+    }
+    free(comp);
+    return NULL;
+}
+
+/* Returns 0, or -1 when M is out of range. */
+int attrimeter_tile_metrics(const Tile *tile) {
+    if (tile->num_attributes < 1 || tile->num_attributes > MAX_M) return -1;
+    const int64_t threads = thread_count(tile->num_threads, tile->rows);
+    Work works[MAX_THREADS];
+    for (int64_t thread = 0; thread < threads; thread++)
+        works[thread] = (Work){tile, thread, tile->rows * thread / threads, tile->rows * (thread + 1) / threads};
+    run_parallel(run_rows, works, sizeof works[0], threads);
+    return 0;
+}
+
+/* --- ranking: where each gallery image falls among a query's valid matches -------------------------
+ *
+ * counts[r][2i] = values of row r with exactly i of the row's matches strictly closer and none at the
+ * same distance; counts[r][2i + 1] = values with i matches strictly closer and at least one at exactly
+ * their distance (a tie). This is the histogram ranking.query_rank_stats builds with searchsorted
+ * over the boundaries (p_1, next float after p_1, p_2, ...) when the matches are distinct, and stays
+ * exact when two matches share a distance. With match_columns, ties are settled as a stable sort
+ * settles them (the lower gallery column first): a match at the value's distance counts as closer
+ * when its column is lower, and no value lands in an odd bin. A row has few matches, so counting them
+ * with vectorised comparisons beats a binary search.
+ */
+typedef struct {
+    const float *matches;  /* (rows, num_matches) increasing per row, padded with +inf */
+    const int64_t *match_columns;  /* (rows, num_matches) gallery column of each match, or NULL */
+    const float *values;   /* (rows, columns) with row stride value_stride */
+    int64_t value_stride, rows, columns, num_matches;
+    int64_t *counts;       /* (rows, 2 * num_matches + 1), zeroed by the caller */
+    int64_t first_row, last_row;
+} BinWork;
+
+static void *count_bins(void *argument) {
+    const BinWork *work = (const BinWork *)argument;
+    const int64_t K = work->num_matches;
+    for (int64_t row = work->first_row; row < work->last_row; row++) {
+        const float *matches = work->matches + row * K;
+        const float *values = work->values + row * work->value_stride;
+        int64_t *counts = work->counts + row * (2 * K + 1);
+        if (work->match_columns != NULL) {
+            const int64_t *match_columns = work->match_columns + row * K;
+            for (int64_t column = 0; column < work->columns; column++) {
+                const float value = values[column];
+                int64_t closer = 0;
+                for (int64_t k = 0; k < K; k++)
+                    closer += (matches[k] < value) | ((matches[k] == value) & (match_columns[k] < column));
+                counts[2 * closer]++;
+            }
+            continue;
+        }
+        for (int64_t column = 0; column < work->columns; column++) {
+            const float value = values[column];
+            int32_t closer = 0, tied = 0;
+            for (int64_t k = 0; k < K; k++) {
+                closer += matches[k] < value;
+                tied |= matches[k] == value;
+            }
+            counts[2 * closer + tied]++;
+        }
+    }
+    return NULL;
+}
+
+int attrimeter_match_bins(const float *matches, const int64_t *match_columns, const float *values,
+                          int64_t value_stride, int64_t rows, int64_t columns, int64_t num_matches, int64_t *counts,
+                          int64_t num_threads) {
+    const int64_t threads = thread_count(num_threads, rows);
+    BinWork works[MAX_THREADS];
+    for (int64_t thread = 0; thread < threads; thread++)
+        works[thread] = (BinWork){matches, match_columns, values, value_stride, rows, columns, num_matches, counts,
+                                  rows * thread / threads, rows * (thread + 1) / threads};
+    run_parallel(count_bins, works, sizeof works[0], threads);
+    return 0;
+}
