@@ -1,6 +1,6 @@
 """Faithfulness benchmark of a trained AttriMeter interpreter: counterfactual attribution on the
-synthetic dataset (against uniform, frequency and random-map references) and the feature-level
-deletion test. Prints a table and writes a JSON file (an existing one is never replaced unless
+synthetic dataset (against uniform, frequency and random-map references, and a region oracle whose
+maps are where each attribute is drawn) and the feature-level deletion test. Prints a table and writes a JSON file (an existing one is never replaced unless
 --overwrite is given).
 
     python tools/benchmark_faithfulness.py                       (the demo's models in ./demo_output)

@@ -3,6 +3,7 @@ train a small target with torchreid's own ImageSoftmaxEngine, graft AttriMeter o
 interpreter, evaluate it and write an HTML report of explained ranked lists.
 
     python tools/demo.py            (or: make demo)
+    python tools/demo.py --output demo_256 --image-size 256 128    # finer 16x8 feature maps, ~4x slower
 
 Everything is written under ./demo_output/ (``--output``). A re-run reuses what exists: the dataset,
 the finished target checkpoint and the interpreter's checkpoints (an interrupted run continues).
@@ -11,6 +12,7 @@ the finished target checkpoint and the interpreter's checkpoints (an interrupted
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
@@ -42,7 +44,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="demo_output", help="folder for data, checkpoints and results")
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                        help="input size of the target and the interpreter (default: the configs' 128 64)")
     return parser.parse_args(argv)
+
+
+SETTINGS_FILE = "demo_settings.json"
+
+
+def default_image_size() -> list[int]:
+    data = load_config(TARGET_CONFIG).data
+    return [data.height, data.width]
+
+
+def check_settings(output: str, settings: dict) -> None:
+    """Record the settings an output folder is made with, and refuse to continue one made with others
+    (its target checkpoint would be reused at the wrong input size). A folder from before this file
+    existed was made with the configs' defaults."""
+    path = os.path.join(output, SETTINGS_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    elif os.path.isdir(os.path.join(output, "target")):
+        saved = {"image_size": default_image_size()}
+    else:
+        saved = None
+    if saved is not None and saved != settings:
+        raise SystemExit(f"{output} was made with {saved} and this run asks for {settings}: its checkpoints "
+                         "do not fit. Use another --output (nothing was changed).")
+    os.makedirs(output, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(settings, handle)
 
 
 def finished_target(save_dir: str, max_epoch: int) -> str | None:
@@ -119,11 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
     timings: dict[str, tuple[float, float]] = {}
     start, cpu_start = time.time(), _cpu_seconds()
 
+    size = args.image_size or default_image_size()
+    check_settings(output, {"image_size": list(size)})
     _step("1/4 synthetic dataset", timings, generate_synthetic_dataset, data_root)
 
     target_cfg = load_config(TARGET_CONFIG, [
         "data.root", data_root, "data.save_dir", os.path.join(output, "target"),
         "data.workers", str(args.workers), "use_gpu", str(use_gpu),
+        "data.height", str(size[0]), "data.width", str(size[1]),
     ])
     target_weights = _step(f"2/4 target (torchreid engine, {target_cfg.loss.name} loss)", timings,
                            train_target, target_cfg)
