@@ -170,3 +170,5 @@ def test_match_bins_count_closer_and_tied_matches():
             expected[row, 2 * int(closer.sum())] += 1
     assert torch.equal(counts, expected)
     assert native_metrics.match_bins(matches.double(), values.double()) is None  # float64: the torch path
+    many = torch.zeros(1, native_metrics.MAX_COUNTED_MATCHES + 1)
+    assert native_metrics.match_bins(many, values[:1]) is None  # so many matches: searchsorted is faster

@@ -33,6 +33,9 @@ MAX_ATTRIBUTES = 64  # labels travel as one 64-bit mask per image
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 _NUM_SUMS, _NUM_TALLIES, _NUM_COUNTS = 4, 6, 5
 COUNT_NAMES = ("top_k", "top_k_differ", "differ", "known", "agree")  # the order of the C enum
+# match_bins compares every image with each of the row's matches; beyond this many matches a binary
+# search (torch's searchsorted) does less work.
+MAX_COUNTED_MATCHES = 128
 
 
 class _Tile(ctypes.Structure):
@@ -140,10 +143,13 @@ def match_bins(matches: torch.Tensor, values: torch.Tensor,
     does: a match at the same distance is closer when its column is lower (only even bins are used).
 
     matches (c, K) increasing per row (padded with +inf) and values (c, G), float32 on CPU; None when
-    the kernel cannot take them (other device or dtype, no compiler), for the caller's torch path.
+    the kernel cannot take them (other device or dtype, no compiler, K > MAX_COUNTED_MATCHES), for the
+    caller's torch path.
     """
     tensors = (matches, values)
     if any(tensor.device.type != "cpu" or tensor.dtype != torch.float32 for tensor in tensors):
+        return None
+    if matches.shape[1] > MAX_COUNTED_MATCHES:
         return None
     library = load_kernel()
     if library is None:
