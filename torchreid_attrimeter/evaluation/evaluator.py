@@ -338,6 +338,9 @@ class _Run:
         if requested is False:
             return False
         usable = native_metrics.usable(self.device, self.num_attributes)
+        if not usable and self.device.type == "cpu" and self.num_attributes > native_metrics.MAX_ATTRIBUTES:
+            logger.info("%d attributes, more than the C kernel's %d: the evaluator uses its torch path",
+                        self.num_attributes, native_metrics.MAX_ATTRIBUTES)
         if requested and not usable:
             raise RuntimeError(
                 f"native=True, but the C kernel cannot evaluate here (device {self.device}, "
