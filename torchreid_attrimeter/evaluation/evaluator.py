@@ -302,6 +302,9 @@ class _Run:
         self.multiplier = int(torch.randint(1, _HASH_PRIME - 1, (1,),
                                             generator=torch.Generator().manual_seed(evaluator.seed)))
         self.native = self.use_native(evaluator.native)
+        if self.native:  # the kernel's sorting network over M, built once per run
+            self.comparators = np.asarray(descending_sorting_network(self.num_attributes),
+                                          dtype=np.int32).reshape(-1, 2)
         if with_attributes:
             for data in (query, gallery):
                 if self.native:
@@ -467,10 +470,6 @@ class _Run:
             result.common_sum, result.common_pairs = totals.common_sum, totals.common_pairs
             result.counts = totals.counts
         return result
-
-    @property
-    def comparators(self) -> np.ndarray:
-        return np.asarray(descending_sorting_network(self.num_attributes), dtype=np.int32).reshape(-1, 2)
 
     def subsample(self, rows: slice, tile: torch.Tensor, pair_mask: torch.Tensor | None) -> torch.Tensor | None:
         """pair_mask restricted to the deterministic subsample, for query rows ``rows`` (global) x ``tile``."""

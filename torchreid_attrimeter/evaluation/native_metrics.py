@@ -31,8 +31,10 @@ MAX_ATTRIBUTES = 64  # labels travel as one 64-bit mask per image
 # -ffp-contract=off: no fused multiply-adds, so float32 results round like torch's element-wise ops.
 # -fno-math-errno: sqrt needs no errno (its argument is clamped positive), so it vectorises (2x faster).
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
-_NUM_SUMS, _NUM_TALLIES, _NUM_COUNTS = 4, 6, 5
-COUNT_NAMES = ("top_k", "top_k_differ", "differ", "known", "agree")  # the order of the C enum
+# The orders of the C enums of pair_metrics.c.
+SUM_NAMES = ("exclusive_sum", "common_sum", "error_sum", "error_max")
+TALLY_NAMES = ("pairs", "exclusive_pairs", "common_pairs", "error_count", "adre_skipped", "nonfinite")
+COUNT_NAMES = ("top_k", "top_k_differ", "differ", "known", "agree")
 # match_bins compares every image with each of the row's matches; beyond this many matches a binary
 # search (torch's searchsorted) does less work.
 MAX_COUNTED_MATCHES = 128
@@ -235,10 +237,10 @@ def tile_totals(
     comparators = np.ascontiguousarray(comparators, dtype=np.int32)
     log_min, log_max, bins = histogram_range
     threads = max(1, min(int(num_threads), 64, rows))
-    sums = torch.zeros(threads, _NUM_SUMS, dtype=torch.float64)
-    tallies = torch.zeros(threads, _NUM_TALLIES, dtype=torch.int64)
+    sums = torch.zeros(threads, len(SUM_NAMES), dtype=torch.float64)
+    tallies = torch.zeros(threads, len(TALLY_NAMES), dtype=torch.int64)
     histogram = torch.zeros(threads, bins, dtype=torch.float64)
-    counts = torch.zeros(threads, _NUM_COUNTS, num_attributes, dtype=torch.int64)
+    counts = torch.zeros(threads, len(COUNT_NAMES), num_attributes, dtype=torch.int64)
     tile = _Tile(
         num_attributes, rows, columns, products.data_ptr(), _pointer(query_norms), _pointer(gallery_norms),
         squared_floor, target.data_ptr(), target.stride(0),
@@ -249,13 +251,9 @@ def tile_totals(
     )
     if library.attrimeter_tile_metrics(ctypes.byref(tile)) != 0:
         raise ValueError(f"the kernel takes 1 to {MAX_ATTRIBUTES} attributes, got {num_attributes}")
-    tally = tallies.sum(0).tolist()
-    if (tallies[:, 5] < 0).any():
-        raise MemoryError("the evaluator's C kernel could not allocate its working memory")
-    total = sums.sum(0).tolist()
+    summed = {**dict(zip(TALLY_NAMES, tallies.sum(0).tolist())), **dict(zip(SUM_NAMES, sums.sum(0).tolist()))}
+    summed["error_max"] = float(sums[:, SUM_NAMES.index("error_max")].max())  # a maximum, not a sum
     return TileTotals(
-        pairs=tally[0], exclusive_pairs=tally[1], common_pairs=tally[2], error_count=tally[3],
-        adre_skipped=tally[4], nonfinite=tally[5], exclusive_sum=total[0], common_sum=total[1],
-        error_sum=total[2], error_max=float(sums[:, 3].max()), histogram=histogram.sum(0),
+        **summed, histogram=histogram.sum(0),
         counts={name: counts[:, index].sum(0) for index, name in enumerate(COUNT_NAMES)},
     )

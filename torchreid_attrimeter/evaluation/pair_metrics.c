@@ -18,7 +18,6 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define W 64       /* pairs per group: (M, W) arrays of a few KB */
@@ -270,13 +269,9 @@ static void *run_rows(void *argument) {
     int64_t *tallies = t->tallies + work->thread * NUM_TALLIES;
     double *histogram = t->histogram + work->thread * t->bins;
     int64_t *counts = t->counts + work->thread * NUM_COUNTS * M;
-    float (*comp)[W] = calloc(MAX_M, sizeof *comp);
+    float comp[MAX_M][W];  /* 16 KB: thread stacks are megabytes */
     float mean[W];
     uint8_t mask[W];
-    if (comp == NULL) {
-        tallies[TALLY_NONFINITE] = -1;  /* out of memory: the caller raises */
-        return NULL;
-    }
     for (int64_t row = work->first_row; row < work->last_row; row++) {
         for (int64_t column = 0; column < t->columns; column += W) {
             const int64_t n = t->columns - column < W ? t->columns - column : W;
@@ -304,7 +299,6 @@ static void *run_rows(void *argument) {
             explanation_metrics(t, row, column, n, comp, mask, sums, tallies, counts);
         }
     }
-    free(comp);
     return NULL;
 }
 
