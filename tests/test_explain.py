@@ -20,7 +20,13 @@ from torchreid_attrimeter.attributes import get_schema
 from torchreid_attrimeter.data import CorruptImageError
 from torchreid_attrimeter.decomposition import pairwise_components
 from torchreid_attrimeter.evaluation import extract_decompositions
-from torchreid_attrimeter.explain import Explainer, ExplainError, Explanation, load_attrimeter_checkpoint
+from torchreid_attrimeter.explain import (
+    Explainer,
+    ExplainError,
+    Explanation,
+    load_attrimeter_checkpoint,
+    to_pil_image,
+)
 
 SCHEMA = get_schema("market1501")
 TOLERANCE = 1e-4
@@ -210,6 +216,54 @@ def test_missing_and_unreadable_image_files_are_errors_naming_the_file(explainer
         explainer.explain(np.full((64, 32, 3), 2.5), good)
     with pytest.raises(ExplainError, match="channels first"):
         explainer.explain(torch.zeros(2, 3, 64, 32), good)
+
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 0, 3), np.uint8), np.zeros((64, 0), np.float32),
+                                   torch.zeros(3, 0, 32), Image.new("RGB", (0, 0))],
+                         ids=["array 0x0", "array 64x0", "tensor 3x0x32", "PIL 0x0"])
+def test_an_image_without_pixels_is_an_error_naming_the_input_and_its_shape(explainer, empty):
+    shape = f"{empty.width}x{empty.height}" if isinstance(empty, Image.Image) else str(tuple(empty.shape))
+    with pytest.raises(ExplainError, match="empty") as caught:
+        explainer.explain(empty, np.zeros((64, 32, 3), np.uint8))
+    assert "empty" in str(caught.value) and shape in str(caught.value)
+
+
+def test_16_bit_images_are_scaled_to_8_bit_not_clipped(explainer, tmp_path):
+    """value / 257 maps 0-65535 onto 0-255: a 16-bit image gives the explanation of its 8-bit version."""
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 32), dtype=np.uint8)
+    wide = pixels.astype(np.uint16) * 257
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode in ("I;16", "I")
+    reference = explainer.explain(pixels, pixels[::-1])
+    sixteen_bit = [
+        wide,
+        np.repeat(wide[..., None], 3, axis=-1),
+        torch.from_numpy(wide)[None],
+        Image.fromarray(wide),
+        Image.frombytes("I;16B", (32, 64), wide.astype(">u2").tobytes()),
+        Image.fromarray(wide.astype(np.int32)),  # mode I
+        str(tmp_path / "wide.png"),
+    ]
+    for image in sixteen_bit:
+        np.testing.assert_array_equal(np.asarray(to_pil_image(image)), np.asarray(Image.fromarray(pixels).convert("RGB")))
+        explanation = explainer.explain(image, pixels[::-1])
+        torch.testing.assert_close(explanation.attribute_components, reference.attribute_components)
+
+
+def test_pixel_values_outside_their_dtypes_convention_are_refused_with_the_rule(explainer):
+    good = np.zeros((64, 32, 3), np.uint8)
+    with pytest.raises(ExplainError, match=r"\[0, 1\].*divide 0-255 pixels by 255"):
+        explainer.explain(np.full((64, 32, 3), 200.0), good)
+    with pytest.raises(ExplainError, match=r"\[0, 1\]"):
+        explainer.explain(torch.full((3, 64, 32), -0.5), good)
+    with pytest.raises(ExplainError, match="NaN"):
+        explainer.explain(np.full((64, 32), np.nan, np.float32), good)
+    with pytest.raises(ExplainError, match="dtype int64"):
+        explainer.explain(np.zeros((64, 32, 3), np.int64), good)
+    with pytest.raises(ExplainError, match="32-bit integer pixels from -5"):
+        explainer.explain(Image.fromarray(np.full((64, 32), -5, np.int32)), good)
+    # the edges of the float convention are accepted
+    explainer.explain(np.linspace(0.0, 1.0, 64 * 32 * 3).reshape(64, 32, 3), good)
 
 
 def test_checkpoint_whose_target_weights_are_gone_is_an_error_and_can_be_pointed_at_them(setup, tmp_path):

@@ -123,6 +123,28 @@ def test_explanations_with_non_finite_numbers_are_refused_not_drawn_blank(explai
         draw_pair(explanation)
 
 
+def test_a_figure_that_cannot_be_written_leaves_the_previous_file_and_names_the_path(explainer, tmp_path,
+                                                                                    monkeypatch):
+    import errno
+
+    from torchreid_attrimeter import visualize
+
+    figure = draw_pair(explainer.explain(np.zeros((64, 32, 3), np.uint8), np.ones((64, 32, 3), np.uint8)))
+    path = tmp_path / "figures" / "pair.png"
+    assert visualize.save_figure(figure, path) == str(path) and _is_not_blank(path.read_bytes())
+    before = path.read_bytes()
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(visualize, "open", lambda *args, **kwargs: FullDisk(), raising=False)  # it only writes
+    with pytest.raises(OSError, match="pair.png") as caught:
+        visualize.save_figure(figure, path)
+    assert caught.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before and os.listdir(path.parent) == ["pair.png"]
+
+
 def test_tool_writes_pngs_jsons_and_one_self_contained_html(tool, setup, split, tmp_path, capsys):
     output = tmp_path / "report"
     query = split[0]

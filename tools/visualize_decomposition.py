@@ -10,6 +10,9 @@ With a config, the checkpoint is the latest in data.save_dir (or --checkpoint), 
 data.targets[0] under data.root. Queries are indices into the dataset's query list or image file
 names; without --queries, --num-queries are drawn at random (--seed). An existing report folder is
 never overwritten silently: --overwrite replaces it, --new-folder writes to the next free <output>-N.
+The report is built in a temporary folder next to --output and moved there only when complete, so a
+failed run (bad checkpoint, unreadable gallery image, full disk, no query explainable) leaves --output
+as it was. Bad input ends with one 'error: ...' line and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,9 +29,17 @@ import torch
 
 from torchreid_attrimeter import compat
 from torchreid_attrimeter.config import ConfigError, load_config
-from torchreid_attrimeter.engine import latest_checkpoint
-from torchreid_attrimeter.explain import Explainer, ExplainError
-from torchreid_attrimeter.report import ImageRecord, ReportFolderError, prepare_output_dir, write_report
+from torchreid_attrimeter.data import CorruptImageError
+from torchreid_attrimeter.data.synthetic import SyntheticDatasetError
+from torchreid_attrimeter.engine import ResumeError, latest_checkpoint
+from torchreid_attrimeter.explain import Explainer
+from torchreid_attrimeter.report import ImageRecord, prepare_output_dir, write_report
+
+# Errors that mean bad input (their messages name the file, key or value and the fix): reported as one
+# 'error:' line. ValueError covers ConfigError, ExplainError, AttributeFileError, TargetSplitError and
+# EmptyFigureError; OSError covers missing files, ReportFolderError and ReportWriteError (full disk).
+INPUT_ERRORS = (ValueError, KeyError, OSError, CorruptImageError, SyntheticDatasetError, compat.CheckpointError,
+                compat.TorchreidMissingError, ResumeError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,9 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         files = write_report(explainer, queries, gallery, folder, topk=args.topk,
                              top_attributes=args.top_attributes, info=info,
                              average_maps_images=averaged if labels is not None else (),
-                             average_maps_labels=labels)
-    except (ConfigError, ExplainError, ReportFolderError, FileNotFoundError, compat.CheckpointError,
-            ValueError, KeyError) as error:
+                             average_maps_labels=labels, overwrite=args.overwrite)
+    except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Report written to {files.index} ({len(files.pngs)} PNG, {len(files.jsons)} JSON)")

@@ -48,19 +48,29 @@ def describe_source(image: ImageInput) -> str:
 
 
 def to_pil_image(image: ImageInput) -> Image.Image:
-    """Any accepted image input as an RGB PIL image.
+    """Any accepted image input as an RGB PIL image; anything else is an ExplainError naming it.
 
     Paths are opened (missing or undecodable files raise an error naming the file). Arrays are
-    (H, W, 3) or (H, W) pixels, uint8 in [0, 255] or float in [0, 1]. Tensors are (3, H, W) or
-    (1, 3, H, W) images as ``ToTensor`` returns them (float in [0, 1], not normalised) or uint8.
+    (H, W, 3) or (H, W) pixels (an alpha channel (H, W, 4) is dropped) and tensors (3, H, W),
+    (1, H, W) or (1, 3, H, W) images; their values follow one rule by dtype:
+
+    - uint8: pixels 0-255, used as they are;
+    - uint16: 16-bit pixels 0-65535, scaled to 0-255 (value / 257, rounded), never clipped;
+    - float: [0, 1] as ``ToTensor`` returns it (value * 255, rounded). Floats outside [0, 1], NaN or
+      infinite are refused, not guessed at: 0-255 floats are ambiguous with dark [0, 1] images, so
+      divide them by 255 first; normalised model inputs must be un-normalised first.
+    - any other dtype (bool, signed or wider integers) is refused.
+
+    PIL images and files: 16-bit greyscale (modes I;16, I;16L, I;16B, I;16N) is scaled the same way;
+    mode I (32-bit integers, how some Pillow versions open 16-bit files) is read as 16-bit when its
+    values lie in 0-65535 and refused otherwise; mode F follows the float rule; every other mode is
+    converted by PIL. Images with no pixels (a zero height or width) are refused.
     """
     if isinstance(image, (str, os.PathLike)):
-        from torchreid_attrimeter.data import read_image_checked
-
-        return read_image_checked(os.fspath(image))
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor):
+        picture = _read_image_file(os.fspath(image))
+    elif isinstance(image, Image.Image):
+        picture = _rgb_from_pil(image, describe_source(image))
+    elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.dim() == 4 and tensor.shape[0] == 1:
             tensor = tensor[0]
@@ -69,34 +79,87 @@ def to_pil_image(image: ImageInput) -> Image.Image:
                 f"an image tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}; pass one "
                 f"image at a time, channels first"
             )
-        return to_pil_image(tensor.permute(1, 2, 0).numpy().squeeze(-1) if tensor.shape[0] == 1
-                            else tensor.permute(1, 2, 0).numpy())
-    if isinstance(image, np.ndarray):
-        return _array_to_pil(image)
-    raise ExplainError(
-        f"cannot read an image from a {type(image).__name__}: pass a file path, a PIL image, a numpy "
-        f"array (H, W, 3) or a tensor (3, H, W)"
-    )
+        pixels = tensor.permute(1, 2, 0).numpy()
+        picture = _array_to_pil(pixels[..., 0] if tensor.shape[0] == 1 else pixels, describe_source(image))
+    elif isinstance(image, np.ndarray):
+        picture = _array_to_pil(image, describe_source(image))
+    else:
+        raise ExplainError(
+            f"cannot read an image from a {type(image).__name__}: pass a file path, a PIL image, a numpy "
+            f"array (H, W, 3) or a tensor (3, H, W)"
+        )
+    if picture.width == 0 or picture.height == 0:
+        raise ExplainError(f"the image {describe_source(image)} is empty ({picture.width}x{picture.height} pixels)")
+    return picture
 
 
-def _array_to_pil(array: np.ndarray) -> Image.Image:
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _read_image_file(path: str) -> Image.Image:
+    """A file's image as RGB, 16-bit files scaled (see to_pil_image); a missing or undecodable file
+    raises ``read_image_checked``'s error naming it."""
+    from torchreid_attrimeter.data import read_image_checked
+
+    try:
+        opened = Image.open(path)
+        opened.load()
+    except (OSError, ValueError, SyntaxError):
+        read_image_checked(path)  # raises the error naming the file (not found / cannot decode)
+        raise
+    with opened:
+        return _rgb_from_pil(opened, path)
+
+
+def _rgb_from_pil(image: Image.Image, source: str) -> Image.Image:
+    """An RGB copy of a PIL image; high-bit-depth modes are scaled, not clipped (see to_pil_image)."""
+    if image.width == 0 or image.height == 0:
+        raise ExplainError(f"the image {source} is empty ({image.width}x{image.height} pixels)")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return _array_to_pil(np.asarray(image).astype(np.uint16), source)
+    if image.mode == "I":
+        values = np.asarray(image)
+        if values.min() < 0 or values.max() > 65535:
+            raise ExplainError(
+                f"the image {source} has 32-bit integer pixels from {values.min()} to {values.max()}, not "
+                f"16-bit (0-65535): save it as 8- or 16-bit, or pass it as a float array in [0, 1]"
+            )
+        return _array_to_pil(values.astype(np.uint16), source)
+    if image.mode == "F":
+        return _array_to_pil(np.asarray(image), source)
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise ExplainError(f"the image {source} is in PIL mode {image.mode}, which cannot be converted to "
+                           f"RGB ({error}): save it as an 8-bit RGB or greyscale image") from None
+
+
+def _array_to_pil(array: np.ndarray, source: str = "array") -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 4:
         array = array[..., :3]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
-        raise ExplainError(f"an image array must be (H, W, 3) or (H, W), got shape {array.shape}")
+        raise ExplainError(f"an image array must be (H, W, 3) or (H, W), got shape {array.shape} ({source})")
+    if array.size == 0:
+        raise ExplainError(f"the image {source} is empty: it has no pixels (height or width 0)")
     if array.dtype == np.uint8:
         pixels = array
+    elif array.dtype == np.uint16:
+        # 65535 / 257 = 255 exactly: the whole 16-bit range maps onto the 8-bit one.
+        pixels = np.round(array.astype(np.float32) / 257.0).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
-            raise ExplainError("the image array contains NaN or infinite values")
+            raise ExplainError(f"the image {source} contains NaN or infinite values")
         if array.min() < 0.0 or array.max() > 1.0:
             raise ExplainError(
-                f"a float image array must hold values in [0, 1] (found {array.min():.3g} to "
-                f"{array.max():.3g}); pass uint8 pixels or un-normalised images, not model inputs"
+                f"a float image must hold values in [0, 1], the image {source} holds {array.min():.3g} to "
+                f"{array.max():.3g}: divide 0-255 pixels by 255, un-normalise model inputs, or pass uint8 pixels"
             )
         pixels = np.round(array * 255.0).astype(np.uint8)
     else:
-        raise ExplainError(f"image arrays must be uint8 or float in [0, 1], got dtype {array.dtype}")
+        raise ExplainError(
+            f"image arrays must be uint8 (0-255), uint16 (0-65535) or float in [0, 1], the image {source} has "
+            f"dtype {array.dtype}"
+        )
     return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
 
 

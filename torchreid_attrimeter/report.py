@@ -8,7 +8,11 @@ import base64
 import html
 import json
 import os
+import re
+import secrets
 import shutil
+import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +21,8 @@ from torchreid_attrimeter.explain import Explanation, RankingExplanation
 from torchreid_attrimeter.visualize import GROUP_COLOURS, MATCH_COLOURS
 
 REPORT_INDEX = "index.html"
+# Every file write_report writes; a report folder holding anything else is not replaced.
+REPORT_FILE = re.compile(r"index\.html|query-\d{3,}(\.json|_ranking\.png|_rank-\d{2,}\.png)|average_maps\.(png|json)")
 BARS_SHOWN = 5  # attributes whose bars are always visible on a ranked item; the rest fold out
 
 
@@ -24,23 +30,15 @@ class ReportFolderError(FileExistsError):
     """The output folder holds something the report would overwrite."""
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, new_folder: bool = False) -> str:
-    """The folder to write a report into.
+class ReportWriteError(OSError):
+    """A report file could not be written (disk full, no permission, ...); the message names the file."""
 
-    A missing or empty folder is used as is. An existing report is replaced only with ``overwrite``;
-    with ``new_folder`` the next free ``<path>-1``, ``<path>-2``, ... is used instead. A non-empty
-    folder that holds no report is never emptied.
-    """
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
-        os.makedirs(path, exist_ok=True)
-        return path
-    if new_folder:
-        number = 1
-        while os.path.exists(f"{path}-{number}"):
-            number += 1
-        os.makedirs(f"{path}-{number}")
-        return f"{path}-{number}"
+
+def _check_destination(path: str, overwrite: bool) -> None:
+    """Refuse a destination the report may not replace: a file, a non-empty folder without a report,
+    an existing report without ``overwrite``, or a report folder holding files of someone else's."""
+    if not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path)):
+        return
     if not os.path.isdir(path):
         raise ReportFolderError(f"the output path '{path}' exists and is not a folder: choose another --output")
     if not os.path.isfile(os.path.join(path, REPORT_INDEX)):
@@ -53,9 +51,86 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, new_fol
             f"the output folder '{path}' already holds a report: pass --overwrite to replace it, or "
             f"--new-folder to write to the next free '{os.path.basename(path)}-N'"
         )
-    shutil.rmtree(path)
-    os.makedirs(path)
+    foreign = sorted(name for name in os.listdir(path) if not REPORT_FILE.fullmatch(name))
+    if foreign:
+        raise ReportFolderError(
+            f"the report folder '{path}' also holds files the report tool did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}): replacing the report would delete them. Move them out, "
+            f"or use --new-folder."
+        )
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, new_folder: bool = False) -> str:
+    """The folder a report will be written to, checked before any work is done.
+
+    A missing or empty folder is used as is. An existing report may be replaced only with
+    ``overwrite``; with ``new_folder`` the next free ``<path>-1``, ``<path>-2``, ... is used instead. A
+    non-empty folder that holds no report is never used. Nothing is created or removed here:
+    ``write_report`` builds the report in a temporary sibling folder and moves it to this path only
+    once it is complete, so a failed run leaves the folder as it was (and makes no new one).
+    """
+    path = os.path.abspath(os.fspath(path))
+    if new_folder and os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        number = 1
+        while os.path.lexists(f"{path}-{number}"):
+            number += 1
+        return f"{path}-{number}"
+    _check_destination(path, overwrite)
     return path
+
+
+def _staging_folder(destination: str) -> str:
+    """A new hidden folder next to ``destination`` (same file system, so the final move is a rename)."""
+    parent, name = os.path.split(destination)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        # os.mkdir, not tempfile.mkdtemp: the folder becomes the report, with the usual permissions
+        staged = os.path.join(parent, f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        os.mkdir(staged)
+        return staged
+    except OSError as error:
+        raise ReportWriteError(
+            f"cannot create a folder next to '{destination}' to write the report in: "
+            f"{error.strerror or error}. Choose an --output on a writable disk."
+        ) from error
+
+
+def _move_into_place(staged: str, destination: str, overwrite: bool) -> None:
+    """Rename the complete report ``staged`` to ``destination``. What was at ``destination`` (an old
+    report, or an empty folder) is first moved aside and deleted only once the new report is in
+    place; if a rename fails the old folder is put back as it was."""
+    _check_destination(destination, overwrite)  # the run may have taken long: check again
+    aside = old = None
+    try:
+        if os.path.lexists(destination):
+            aside = tempfile.mkdtemp(prefix=f".{os.path.basename(destination)}.old-",
+                                     dir=os.path.dirname(destination))
+            old = os.path.join(aside, "report")
+            os.rename(destination, old)
+        os.rename(staged, destination)
+    except BaseException as error:  # also Ctrl-C between the two renames
+        try:
+            if old is not None and os.path.lexists(old):
+                os.rename(old, destination)
+            if aside is not None:
+                os.rmdir(aside)
+        except OSError:
+            raise ReportWriteError(
+                f"cannot move the finished report to '{destination}' ({error}) nor put the previous one back: "
+                f"it is in '{old}'"
+            ) from error
+        if not isinstance(error, OSError):
+            raise
+        raise ReportWriteError(
+            f"cannot move the finished report to '{destination}': {error.strerror or error}; "
+            f"'{destination}' was left as it was"
+        ) from error
+    if aside is not None:
+        try:
+            shutil.rmtree(aside)
+        except OSError as error:  # the new report is complete; only disk space is at stake
+            warnings.warn(f"the replaced report could not be deleted ({error}): remove '{aside}' yourself",
+                          stacklevel=3)
 
 
 @dataclass
@@ -250,10 +325,26 @@ def build_report_html(entries: Sequence[QueryEntry], title: str = "AttriMeter ex
     )
 
 
-def write_json(path: str, data: Any) -> str:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, allow_nan=False)
+def write_json(path: str, data: Any, shown_as: str | None = None) -> str:
+    """Write ``data`` as JSON (non-finite numbers are refused); errors name ``shown_as`` or ``path``."""
+    _write_file(path, json.dumps(data, indent=2, allow_nan=False), shown_as)
     return path
+
+
+def _write_file(path: str, content: bytes | str, shown_as: str | None = None) -> None:
+    """Write one file; a failure (full disk, ...) is a ReportWriteError naming ``shown_as`` (the
+    file's final path when it is written into a staging folder) or ``path``."""
+    try:
+        if isinstance(content, bytes):
+            with open(path, "wb") as handle:
+                handle.write(content)
+        else:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(content)
+    except OSError as error:
+        raise ReportWriteError(
+            f"cannot write the report file '{shown_as or path}': {error.strerror or error}"
+        ) from error
 
 
 # --- writing a whole report ----------------------------------------------------------------------------
@@ -286,16 +377,47 @@ def _query_stem(number: int) -> str:
 def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[ImageRecord], folder: str, *,
                  topk: int = 10, top_attributes: int = 3, info: Mapping[str, Any] | None = None,
                  average_maps_images: Sequence[ImageRecord] = (), average_maps_labels=None,
-                 title: str = "AttriMeter explanations", dpi: int = 80) -> ReportFiles:
-    """Explain each query against the gallery and write, into ``folder`` (made ready by
+                 title: str = "AttriMeter explanations", dpi: int = 80, overwrite: bool = False) -> ReportFiles:
+    """Explain each query against the gallery and write a report to ``folder`` (see
     ``prepare_output_dir``): per query a ranked-list PNG, a pair PNG per ranked item and a JSON; with
     ``average_maps_images`` and their labels ((N, M) values, (N, M) known) the dataset-level average
     maps; and ``index.html`` with all of it embedded. ``dpi`` sets the PNGs' resolution (the HTML
     embeds every figure, so its size grows with dpi squared).
 
-    A query whose image cannot be read is reported in its JSON and in the HTML instead of drawn; an
-    unreadable gallery image stops the report (every ranking would be wrong), naming the file.
+    The report is written into a temporary folder next to ``folder`` and renamed to ``folder`` only
+    when complete; a report already there is replaced only with ``overwrite``, and only then. On any
+    error ``folder`` is left exactly as it was and the temporary folder is removed.
+
+    A query whose image cannot be read is reported in its JSON and in the HTML instead of drawn, but
+    when no query at all can be explained nothing is written (ExplainError naming the first one's
+    problem). An unreadable gallery image stops the report (every ranking would be wrong), naming the
+    file. A file that cannot be written (full disk, ...) is a ReportWriteError naming it.
     """
+    from torchreid_attrimeter.explain import ExplainError
+
+    if not queries:
+        raise ExplainError("no queries to explain: choose query images (or a number of random ones)")
+    folder = os.path.abspath(os.fspath(folder))
+    _check_destination(folder, overwrite)
+    staged = _staging_folder(folder)
+    try:
+        files = _write_report_files(explainer, queries, gallery, staged, folder, topk=topk,
+                                    top_attributes=top_attributes, info=info,
+                                    average_maps_images=average_maps_images,
+                                    average_maps_labels=average_maps_labels, title=title, dpi=dpi)
+        _move_into_place(staged, folder, overwrite)
+    except BaseException:  # also Ctrl-C: never leave a half-written report behind
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return files
+
+
+def _write_report_files(explainer, queries: Sequence[ImageRecord], gallery: Sequence[ImageRecord], staged: str,
+                        folder: str, *, topk: int, top_attributes: int, info: Mapping[str, Any] | None,
+                        average_maps_images: Sequence[ImageRecord], average_maps_labels, title: str,
+                        dpi: int) -> ReportFiles:
+    """The files of ``write_report``, written into ``staged``; the returned paths are in ``folder``,
+    where they will be once the staged folder is renamed."""
     from torchreid_attrimeter.data import CorruptImageError
     from torchreid_attrimeter.explain import ExplainError
     from torchreid_attrimeter.visualize import (
@@ -305,8 +427,6 @@ def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[Im
         figure_png_bytes,
     )
 
-    if not queries:
-        raise ExplainError("no queries to explain: choose query images (or a number of random ones)")
     files = ReportFiles(folder=folder, index=os.path.join(folder, REPORT_INDEX))
     gallery_paths = [record.path for record in gallery]
     gallery_pids = [record.pid for record in gallery]
@@ -316,10 +436,12 @@ def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[Im
     gallery_decomposition = explainer.decompose(gallery_paths, keep_maps=False)
 
     def save_png(png: bytes, name: str) -> None:
-        path = os.path.join(folder, name)
-        with open(path, "wb") as handle:
-            handle.write(png)
-        files.pngs.append(path)
+        _write_file(os.path.join(staged, name), png, shown_as=os.path.join(folder, name))
+        files.pngs.append(os.path.join(folder, name))
+
+    def save_json(data: Any, name: str) -> None:
+        write_json(os.path.join(staged, name), data, shown_as=os.path.join(folder, name))
+        files.jsons.append(os.path.join(folder, name))
 
     entries = []
     for number, query in enumerate(queries, 1):
@@ -337,8 +459,7 @@ def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[Im
         except (FileNotFoundError, CorruptImageError, ExplainError) as error:
             entry.error = str(error)
             files.failed_queries.append(query.path)
-            files.jsons.append(write_json(os.path.join(folder, entry.json_file),
-                                          {"query": query.path, "error": entry.error}))
+            save_json({"query": query.path, "error": entry.error}, entry.json_file)
             entries.append(entry)
             continue
         entry.ranking = ranking
@@ -353,8 +474,14 @@ def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[Im
             save_png(png, f"{stem}_rank-{rank:02d}.png")
             record["ranked"][rank - 1]["figure"] = f"{stem}_rank-{rank:02d}.png"
         record["figure"] = f"{stem}_ranking.png"
-        files.jsons.append(write_json(os.path.join(folder, entry.json_file), record))
+        save_json(record, entry.json_file)
         entries.append(entry)
+    if len(files.failed_queries) == len(queries):
+        first = entries[0]
+        raise ExplainError(
+            f"all {len(queries)} queries failed, so no report was written; the first, '{queries[0].path}': "
+            f"{first.error}"
+        )
 
     extra = {}
     if average_maps_images and average_maps_labels is not None:
@@ -362,9 +489,8 @@ def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[Im
         average = explainer.average_maps([record.path for record in average_maps_images], values, known)
         extra["average attention maps"] = figure_png_bytes(draw_average_maps(average), dpi)
         save_png(extra["average attention maps"], "average_maps.png")
-        files.jsons.append(write_json(os.path.join(folder, "average_maps.json"),
-                                      {**average.to_dict(), "images": len(average_maps_images)}))
+        save_json({**average.to_dict(), "images": len(average_maps_images)}, "average_maps.json")
 
-    with open(files.index, "w", encoding="utf-8") as handle:
-        handle.write(build_report_html(entries, title=title, info=info, extra_figures=extra))
+    _write_file(os.path.join(staged, REPORT_INDEX),
+                build_report_html(entries, title=title, info=info, extra_figures=extra), shown_as=files.index)
     return files

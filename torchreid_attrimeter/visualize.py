@@ -38,10 +38,21 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
-    """Write the figure as PNG (folders created) and return the path."""
+    """Write the figure as PNG (folders created) and return the path. The PNG is written next to
+    ``path`` and renamed onto it when complete, so a failed write (full disk, ...) leaves no partial
+    file and any previous file as it was; the error names ``path``."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, format="png", bbox_inches="tight", dpi=dpi)
+    png = figure_png_bytes(figure, dpi)
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(partial, "wb") as handle:
+            handle.write(png)
+        os.replace(partial, path)
+    except OSError as error:
+        if os.path.lexists(partial):
+            os.remove(partial)
+        raise OSError(error.errno, f"cannot write the figure '{path}': {error.strerror or error}") from error
     return path
 
 
