@@ -7,6 +7,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from real_material import SHARED  # tests/ helper, not a package
 
 from torchreid_attrimeter import compat
 from torchreid_attrimeter.compat import CheckpointError
@@ -23,7 +24,7 @@ SLOW = {"resnet101", "resnet152", "resnext101_32x8d", "resnext50_32x4d", "se_res
         "resnet50mid", "pcb_p4", "pcb_p6", "mlfn", "nasnsetmobile"}
 # Models refused with a TargetSplitError (none at present: every torchreid family has an adapter).
 REFUSED: set = set()
-WEIGHTS = "/work/shared/weights/osnet_x0_25_market1501.pth"
+WEIGHTS = str(SHARED / "weights" / "osnet_x0_25_market1501.pth")  # ../shared or ATTRIMETER_SHARED
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -46,7 +46,9 @@ def assert_same(kernel, torch_path):
         if key == "per_attribute":
             for name, metrics in value.items():
                 for metric, number in metrics.items():
-                    assert kernel[key][name][metric] == pytest.approx(number, abs=1e-6), (name, metric)
+                    # A share on a bin's edge may fall either side when the paths sum in another order.
+                    tolerance = 1e-4 if metric == "share_auc" else 1e-6
+                    assert kernel[key][name][metric] == pytest.approx(number, abs=tolerance), (name, metric)
         elif isinstance(value, float):
             assert kernel[key] == pytest.approx(value, rel=1e-5, abs=1e-4), key  # float32 sums in another order
         else:
