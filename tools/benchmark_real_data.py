@@ -41,7 +41,7 @@ REFERENCE = {
 }
 TARGETS = {"ADRE_max": 3.0, "X-mAP_e_min": 65.0, "X-mAP_c_min": 93.0, "retrieval_gap_max": 1.0}
 SUMMARY_KEYS = ("target_rank1", "target_mAP", "interpreter_rank1", "interpreter_mAP", "ADRE", "X-mAP_e",
-                "X-mAP_c")
+                "X-mAP_c", "share_AUC_macro")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,6 +90,7 @@ def side_by_side(results: dict, reference_target: dict | None, metric: str) -> s
     for key in ("ADRE", "X-mAP_e", "X-mAP_c"):
         low, high = paper_in[key]
         rows.append((key, results.get(key), f"paper {low}-{high} / M->D {paper_cross[key]}"))
+    rows.append(("share AUC (macro)", results.get("share_AUC_macro"), "0.5 = chance; per attribute in the table"))
     for name, value, reference in rows:
         shown = "-" if value is None else f"{value:.2f}"
         lines.append(f"{name:<18}{shown:>10}   {'' if reference is None else reference}")

@@ -36,9 +36,11 @@ from torchreid_attrimeter.decomposition import (
 )
 from torchreid_attrimeter.evaluation import native_metrics
 from torchreid_attrimeter.evaluation.explanation_metrics import (
+    SHARE_BINS,
     RelativeErrorHistogram,
     descending_sorting_network,
     pair_explanation_stats,
+    share_auc,
 )
 from torchreid_attrimeter.evaluation.ranking import GalleryIdentities, query_rank_stats
 
@@ -299,6 +301,7 @@ class _Run:
         zeros = torch.zeros(self.num_attributes, dtype=torch.float64)
         self.attribute_counts = {name: zeros.clone() for name in ("top_k", "top_k_differ", "differ", "known",
                                                                   "agree")}
+        self.share_histogram = torch.zeros(2, self.num_attributes, SHARE_BINS, dtype=torch.int64)
         self.multiplier = int(torch.randint(1, _HASH_PRIME - 1, (1,),
                                             generator=torch.Generator().manual_seed(evaluator.seed)))
         self.native = self.use_native(evaluator.native)
@@ -469,6 +472,7 @@ class _Run:
             result.exclusive_sum, result.exclusive_pairs = totals.exclusive_sum, totals.exclusive_pairs
             result.common_sum, result.common_pairs = totals.common_sum, totals.common_pairs
             result.counts = totals.counts
+            result.share_histogram = totals.share_histogram
         return result
 
     def subsample(self, rows: slice, tile: torch.Tensor, pair_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -518,6 +522,7 @@ class _Run:
         result.exclusive_sum, result.exclusive_pairs = float(stats.exclusive_ap.sum()), int(stats.has_exclusive.sum())
         result.common_sum, result.common_pairs = float(stats.common_ap.sum()), int(stats.has_common.sum())
         result.counts = {name: getattr(stats, name) for name in native_metrics.COUNT_NAMES}
+        result.share_histogram = stats.share_histogram
         return result
 
     def add_block(self, result: _BlockResult) -> None:
@@ -532,6 +537,7 @@ class _Run:
         self.common_pairs += result.common_pairs
         for name in self.attribute_counts:
             self.attribute_counts[name] += result.counts[name].double().cpu()
+        self.share_histogram += result.share_histogram.cpu()
 
     # -- results -------------------------------------------------------------------------------------
 
@@ -568,6 +574,9 @@ class _Run:
         counts = self.attribute_counts
         recognition = self.options._recognition_known
         k = options.top_attributes
+        auc = share_auc(self.share_histogram)
+        defined = auc[~auc.isnan()]
+        results["share_AUC_macro"] = float(defined.mean()) if len(defined) else None
         per_attribute = {}
         for index, name in enumerate(options.attribute_names):
             per_attribute[name] = {
@@ -576,6 +585,8 @@ class _Run:
                 "agreement": _ratio(counts["agree"][index], counts["known"][index]),
                 "differ_rate": _ratio(counts["differ"][index], counts["known"][index]),
                 "recognition_accuracy": _ratio(self.options._recognition_correct[index], recognition[index]),
+                # Does the share of this attribute grow when it differs? 0.5: no better than chance.
+                "share_auc": None if math.isnan(float(auc[index])) else float(auc[index]),
             }
         results["per_attribute"] = per_attribute
         return results
@@ -615,6 +626,7 @@ class _BlockResult:
     common_sum: float = 0.0
     common_pairs: int = 0
     counts: dict[str, torch.Tensor] | None = None  # native_metrics.COUNT_NAMES -> (M,)
+    share_histogram: torch.Tensor | None = None  # (2, M, SHARE_BINS), see share_auc
 
 
 class _RetrievalAccumulator:

@@ -24,6 +24,14 @@ import torch
 
 UNKNOWN_KEY = -2  # below every valid key, and its lowest ("differs") bit is clear
 
+# Share histograms for the per-attribute AUC ("does the share of m grow when m differs?"). A share
+# p in [0, 1] (float32) is binned by the top 16 bits of its bit pattern: sign, exponent and 7 mantissa
+# bits, i.e. 128 logarithmic bins per octave (0.54 % wide), from 2^-18 (everything below is bin 0)
+# to 1. Integer shifts, the same in torch and in the C kernel, so both paths bin a share alike.
+SHARE_BIN_SHIFT = 16
+SHARE_BIN_LOW = (127 - 18) << 7  # the bits of 2^-18, shifted
+SHARE_BINS = (127 << 7) - SHARE_BIN_LOW + 1  # up to the bits of 1.0, shifted
+
 
 @cache
 def descending_sorting_network(size: int) -> tuple[tuple[int, int], ...]:
@@ -100,6 +108,41 @@ class PairExplanationStats:
     differ: torch.Tensor
     known: torch.Tensor
     agree: torch.Tensor
+    share_histogram: torch.Tensor
+
+
+def share_bins(shares: torch.Tensor) -> torch.Tensor:
+    """Bin index in [0, SHARE_BINS) of float32 shares in [0, 1] (see SHARE_BIN_SHIFT)."""
+    bins = (shares.float().view(torch.int32) >> SHARE_BIN_SHIFT) - SHARE_BIN_LOW
+    return bins.clamp_(0, SHARE_BINS - 1)
+
+
+def share_histogram(known_values: torch.Tensor, total_known: torch.Tensor, differ: torch.Tensor,
+                    known: torch.Tensor | None) -> torch.Tensor:
+    """(2, M, SHARE_BINS) int64 histogram of the shares p^m = d^m / (sum of the pair's known d^k) of
+    the known attributes of n pairs, split by differs (index 1) and shared (index 0).
+
+    known_values: (M, n) components, zero where unknown; total_known: (n,) their sums; differ, known:
+    (M, n) int32 0/1 (known None: all). A pair with nothing known has no share.
+    """
+    num_attributes = known_values.shape[0]
+    shares = known_values / total_known.masked_fill(total_known == 0, 1.0)[None, :]
+    attribute = torch.arange(num_attributes, device=shares.device)[:, None]
+    index = (differ.long() * num_attributes + attribute) * SHARE_BINS + share_bins(shares)
+    if known is not None:
+        index = index[known.bool()]
+    counts = torch.bincount(index.reshape(-1), minlength=2 * num_attributes * SHARE_BINS)
+    return counts.view(2, num_attributes, SHARE_BINS)
+
+
+def share_auc(histogram: torch.Tensor) -> torch.Tensor:
+    """(M,) float64 AUC of the share for telling pairs that differ in attribute m from pairs that share
+    it: P(share | differs > share | shared), ties (the same bin) counting one half. NaN where either
+    kind of pair is missing. histogram: (2, M, SHARE_BINS) as ``share_histogram``."""
+    shared, differs = histogram[0].double(), histogram[1].double()
+    shared_below = shared.cumsum(1) - shared  # shared pairs in lower bins
+    wins = (differs * (shared_below + 0.5 * shared)).sum(1)
+    return wins / (differs.sum(1) * shared.sum(1))
 
 
 def pair_explanation_stats(
@@ -186,6 +229,7 @@ def pair_explanation_stats(
         differ=_row_counts(differ),
         known=known_count,
         agree=known_count - _row_counts(disagree),
+        share_histogram=share_histogram(known_values, total_known, differ, known),
     )
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from torchreid_attrimeter.evaluation.explanation_metrics import SHARE_BIN_LOW, SHARE_BIN_SHIFT, SHARE_BINS
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("pair_metrics.c")
@@ -59,6 +61,8 @@ class _Tile(ctypes.Structure):
         ("num_threads", ctypes.c_int64),
         ("sums", ctypes.c_void_p), ("tallies", ctypes.c_void_p), ("histogram", ctypes.c_void_p),
         ("counts", ctypes.c_void_p),
+        ("share_shift", ctypes.c_int64), ("share_low", ctypes.c_int64), ("share_bins", ctypes.c_int64),
+        ("share_histogram", ctypes.c_void_p),
     ]
 
 
@@ -191,6 +195,7 @@ class TileTotals:
     common_sum: float
     common_pairs: int
     counts: dict[str, torch.Tensor]  # COUNT_NAMES -> (M,) int64
+    share_histogram: torch.Tensor  # (2, M, SHARE_BINS) int64, as explanation_metrics.share_histogram
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -241,6 +246,7 @@ def tile_totals(
     tallies = torch.zeros(threads, len(TALLY_NAMES), dtype=torch.int64)
     histogram = torch.zeros(threads, bins, dtype=torch.float64)
     counts = torch.zeros(threads, len(COUNT_NAMES), num_attributes, dtype=torch.int64)
+    shares = torch.zeros(threads, 2, num_attributes, SHARE_BINS, dtype=torch.int64)
     tile = _Tile(
         num_attributes, rows, columns, products.data_ptr(), _pointer(query_norms), _pointer(gallery_norms),
         squared_floor, target.data_ptr(), target.stride(0),
@@ -248,6 +254,7 @@ def tile_totals(
         *(_pointer(part) for part in label_parts), top_k,
         comparators.ctypes.data, len(comparators), adre_min_distance, log_min, log_max, bins, threads,
         sums.data_ptr(), tallies.data_ptr(), histogram.data_ptr(), counts.data_ptr(),
+        SHARE_BIN_SHIFT, SHARE_BIN_LOW, SHARE_BINS, shares.data_ptr(),
     )
     if library.attrimeter_tile_metrics(ctypes.byref(tile)) != 0:
         raise ValueError(f"the kernel takes 1 to {MAX_ATTRIBUTES} attributes, got {num_attributes}")
@@ -256,4 +263,5 @@ def tile_totals(
     return TileTotals(
         **summed, histogram=histogram.sum(0),
         counts={name: counts[:, index].sum(0) for index, name in enumerate(COUNT_NAMES)},
+        share_histogram=shares.sum(0),
     )

@@ -53,6 +53,9 @@ typedef struct {
     int64_t *tallies;    /* (threads, NUM_TALLIES) */
     double *histogram;   /* (threads, bins) */
     int64_t *counts;     /* (threads, NUM_COUNTS, M) */
+    /* share histogram: bin = (bits of the float32 share >> share_shift) - share_low, clamped */
+    int64_t share_shift, share_low, share_bins;
+    int64_t *share_histogram;  /* (threads, 2, M, share_bins): [0] shared, [1] differs */
 } Tile;
 
 typedef struct {
@@ -119,7 +122,8 @@ static void relative_errors(const Tile *t, int64_t row, int64_t column, int64_t 
 
 /* X-mAP_e, X-mAP_c, top-k and agreement of n pairs whose components are comp (M, n). */
 static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int64_t n, float comp[][W],
-                                const uint8_t *mask, double *sums, int64_t *tallies, int64_t *counts) {
+                                const uint8_t *mask, double *sums, int64_t *tallies, int64_t *counts,
+                                int64_t *share_histogram) {
     const int64_t M = t->num_attributes;
     int32_t keys[MAX_M][W], ranked[MAX_M][W];
     float total[W], num_differ[W], num_shared[W], num_known[W], exclusive[W], common[W];
@@ -231,6 +235,19 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
         counts[COUNT_KNOWN * M + m] += known_count;
         counts[COUNT_AGREE * M + m] += agree;
     }
+    /* Share histograms of the known attributes (a scattered increment: a loop of its own, so the
+     * counting loop above still vectorises). */
+    const int64_t bins = t->share_bins;
+    for (int64_t m = 0; m < M; m++) {
+        int64_t *shared_row = share_histogram + m * bins, *differ_row = share_histogram + (M + m) * bins;
+        for (int64_t w = 0; w < n; w++) {
+            if (!mask[w] || !((known_bits[w] >> m) & 1u)) continue;
+            const float share = comp[m][w] / (total[w] == 0.0f ? 1.0f : total[w]);
+            int64_t bin = (int64_t)(float_bits(share) >> t->share_shift) - t->share_low;
+            bin = bin < 0 ? 0 : (bin >= bins ? bins - 1 : bin);
+            (((differ_bits[w] >> m) & 1u) ? differ_row : shared_row)[bin]++;
+        }
+    }
 }
 
 /* --- threads -------------------------------------------------------------------------------------- */
@@ -269,6 +286,7 @@ static void *run_rows(void *argument) {
     int64_t *tallies = t->tallies + work->thread * NUM_TALLIES;
     double *histogram = t->histogram + work->thread * t->bins;
     int64_t *counts = t->counts + work->thread * NUM_COUNTS * M;
+    int64_t *share_histogram = t->share_histogram + work->thread * 2 * M * t->share_bins;
     float comp[MAX_M][W];  /* 16 KB: thread stacks are megabytes */
     float mean[W];
     uint8_t mask[W];
@@ -296,7 +314,7 @@ static void *run_rows(void *argument) {
                 for (int64_t w = 0; w < n; w++) tallies[TALLY_PAIRS] += mask[w];
                 continue;
             }
-            explanation_metrics(t, row, column, n, comp, mask, sums, tallies, counts);
+            explanation_metrics(t, row, column, n, comp, mask, sums, tallies, counts, share_histogram);
         }
     }
     return NULL;
