@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import inspect
 import os
+import re
 
 import pytest
 
@@ -416,3 +417,35 @@ def test_optimizer_and_scheduler_kwargs_are_parameters_of_torchreids_builders():
 def test_engine_run_kwargs_are_parameters_of_torchreids_engine_run():
     run_parameters = inspect.signature(compat.Engine.run).parameters
     assert set(engine_run_kwargs(get_default_config())) <= set(run_parameters)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.max_epoch", 0), ("train.max_epoch", -1), ("train.batch_size", 0), ("train.batch_size", -8),
+    ("train.lr", 0.0), ("train.lr", -0.1), ("sampler.num_instances", 0), ("test.batch_size", 0),
+    ("data.workers", -1), ("train.start_epoch", -1), ("train.weight_decay", -1.0), ("train.print_freq", 0),
+])
+def test_numbers_without_meaning_are_errors_naming_the_key_and_the_bound(key, value):
+    cfg = _attrimeter_cfg(**{key: value})
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} is {re.escape(str(value))}: it must be"):
+        check_attrimeter_config(cfg)
+
+
+def test_a_non_positive_max_epoch_points_to_evaluate_only_mode():
+    with pytest.raises(ConfigError, match="--evaluate"):
+        check_attrimeter_config(_attrimeter_cfg(**{"train.max_epoch": -1}))
+
+
+def test_evaluation_only_ignores_the_training_only_numbers_but_not_the_batch_sizes():
+    cfg = _attrimeter_cfg(**{"test.evaluate": True, "train.max_epoch": 0, "train.lr": 0.0})
+    check_attrimeter_config(cfg)  # max_epoch and lr do not matter when nothing is trained
+    cfg.train.batch_size = 0  # the data manager still builds the training loader
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        check_attrimeter_config(cfg)
+
+
+def test_a_new_run_starting_at_or_after_max_epoch_is_an_error():
+    cfg = _attrimeter_cfg(**{"train.start_epoch": 5, "train.max_epoch": 5})
+    with pytest.raises(ConfigError, match="train.start_epoch"):
+        check_attrimeter_config(cfg)
+    cfg.model.resume = "auto"  # a resumed run takes its start epoch from the checkpoint
+    check_attrimeter_config(cfg)

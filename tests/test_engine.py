@@ -270,3 +270,80 @@ def test_missing_target_weights_file_is_an_error_naming_it(data_root, tmp_path):
     cfg = tiny_config(data_root, str(tmp_path / "absent.pth"), tmp_path / "log")
     with pytest.raises(ConfigError, match="absent.pth"):
         build_engine(cfg)
+
+
+def _fake_checkpoints(save_dir, epochs):
+    os.makedirs(os.path.join(save_dir, "model"), exist_ok=True)
+    for epoch in epochs:
+        with open(os.path.join(save_dir, "model", f"model.pth.tar-{epoch}"), "wb") as handle:
+            handle.write(b"another run's checkpoint")
+
+
+def test_a_fresh_run_refuses_a_save_dir_holding_another_runs_later_checkpoints(engine, tmp_path):
+    # The older run got to epoch 7; this one would train 2 epochs and leave 7 as the folder's latest.
+    save_dir = str(tmp_path / "run")
+    _fake_checkpoints(save_dir, range(1, 8))
+    fresh = AttriMeterEngine(engine.datamanager, engine.model, engine.optimizer, engine.scheduler,
+                             use_gpu=False)
+    with pytest.raises(FileExistsError) as raised:
+        fresh.run(save_dir=save_dir, max_epoch=2, start_epoch=0)
+    message = str(raised.value)
+    for expected in (save_dir, "model.pth.tar-7", "another data.save_dir", "--resume auto"):
+        assert expected in message
+    assert len(list_checkpoints(save_dir)) == 7
+
+
+def test_a_resumed_run_refuses_to_branch_off_before_the_folders_latest_checkpoint(engine, tmp_path):
+    save_dir = str(tmp_path / "run")
+    path = engine.save_model(0, None, save_dir)
+    engine._rolling_checkpoint = None
+    _fake_checkpoints(save_dir, [5])
+    resumed = AttriMeterEngine(engine.datamanager, engine.model, engine.optimizer, engine.scheduler,
+                               use_gpu=False)
+    assert resumed.resume(path) == 1
+    with pytest.raises(FileExistsError, match="model.pth.tar-5"):
+        resumed.run(save_dir=save_dir, max_epoch=8, start_epoch=1)
+
+
+def test_a_run_resumed_from_another_folder_refuses_a_save_dir_with_checkpoints(engine, tmp_path):
+    path = engine.save_model(0, None, str(tmp_path / "first"))
+    engine._rolling_checkpoint = None
+    _fake_checkpoints(str(tmp_path / "second"), [1])
+    resumed = AttriMeterEngine(engine.datamanager, engine.model, engine.optimizer, engine.scheduler,
+                               use_gpu=False)
+    resumed.resume(path)
+    with pytest.raises(FileExistsError, match="outside that folder"):
+        resumed.run(save_dir=str(tmp_path / "second"), max_epoch=3, start_epoch=1)
+
+
+@pytest.mark.parametrize("max_epoch", [0, -1])
+def test_a_run_with_nothing_to_train_is_an_error_not_an_untrained_evaluation(engine, tmp_path, max_epoch):
+    fresh = AttriMeterEngine(engine.datamanager, engine.model, engine.optimizer, engine.scheduler,
+                             use_gpu=False)
+    with pytest.raises(ConfigError, match="train.max_epoch"):
+        fresh.run(save_dir=str(tmp_path / "run"), max_epoch=max_epoch, start_epoch=0)
+    assert fresh.test_results == {} and not os.path.exists(tmp_path / "run" / "model")
+
+
+def test_a_batch_of_more_identities_than_the_training_set_has_names_the_keys_and_the_fix(
+        data_root, target_files, tmp_path):
+    cfg = tiny_config(data_root, target_files["resnet18"], tmp_path / "log", **{"train.batch_size": 400})
+    with pytest.raises(ConfigError) as raised:
+        build_engine(cfg)
+    message = str(raised.value)
+    for expected in ("train.batch_size=400", "sampler.num_instances=2", "200 identities", "has 8 identities",
+                     "train.batch_size <= 16"):
+        assert expected in message
+
+
+def test_truncated_target_weights_are_reported_as_unreadable_not_as_another_model(data_root, target_files,
+                                                                                  tmp_path):
+    with open(target_files["resnet18"], "rb") as handle:
+        data = handle.read()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError) as raised:
+        build_engine(tiny_config(data_root, str(truncated), tmp_path / "log"))
+    message = str(raised.value)
+    assert "truncated.pth" in message and "truncated or corrupt" in message and "Download it again" in message
+    assert "attrimeter.target_name" not in message

@@ -166,3 +166,44 @@ def test_command_line_error_names_the_unknown_key_and_exits_2(tmp_path):
                                capture_output=True, text=True, cwd=str(tmp_path), timeout=300, check=False)
     assert completed.returncode == 2
     assert "train.max_epochs" in completed.stderr and "train.max_epoch" in completed.stderr
+
+
+def test_the_wrong_run_is_refused_before_anything_is_written(data_root, tmp_path):
+    # An older run reached epoch 7 in data.save_dir; a fresh 2-epoch run would record its epoch 7.
+    config, save_dir = write_config(str(tmp_path), data_root, "resnet18")
+    os.makedirs(os.path.join(save_dir, "model"))
+    for epoch in range(1, 8):
+        with open(os.path.join(save_dir, "model", f"model.pth.tar-{epoch}"), "wb") as handle:
+            handle.write(b"an earlier run")
+    with pytest.raises(FileExistsError) as raised:
+        train_tool.main(["--config-file", config, "train.max_epoch", "2"])
+    message = str(raised.value)
+    for expected in (save_dir, "model.pth.tar-7", "another data.save_dir", "--resume auto"):
+        assert expected in message
+    assert not glob.glob(os.path.join(save_dir, "results-*.json"))
+    assert [epoch for epoch, _ in list_checkpoints(save_dir)] == list(range(1, 8))
+
+
+def test_results_name_the_checkpoint_this_run_wrote(data_root, tmp_path):
+    config, save_dir = write_config(str(tmp_path), data_root, "resnet18")
+    record = train_tool.main(["--config-file", config, "train.max_epoch", "1", "attrimeter.variant", "head"])
+    assert record["checkpoint"] == os.path.join(save_dir, "model", "model.pth.tar-1")
+    assert record["epoch"] == 1
+    (results,) = glob.glob(os.path.join(save_dir, "results-*.json"))
+    assert json.loads(_read(results))["checkpoint"] == record["checkpoint"]
+
+
+@pytest.mark.parametrize("key, value", [("train.max_epoch", "-1"), ("train.batch_size", "0"),
+                                        ("train.lr", "0"), ("sampler.num_instances", "0")])
+def test_invalid_numbers_stop_the_tool_with_one_error_line_and_exit_2(data_root, tmp_path, capsys, key, value):
+    config, save_dir = write_config(str(tmp_path), data_root, "resnet18")
+    assert train_tool.cli(["--config-file", config, key, value]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {key} is ")
+    assert not glob.glob(os.path.join(save_dir, "results-*.json"))
+
+
+def test_a_batch_of_more_identities_than_the_training_set_is_a_config_error(data_root, tmp_path, capsys):
+    config, _ = write_config(str(tmp_path), data_root, "resnet18")
+    assert train_tool.cli(["--config-file", config, "train.batch_size", "400"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: train.batch_size=400") and "8 identities" in error

@@ -11,7 +11,13 @@ torchreid's ``scripts/main.py`` flow (config file, then ``KEY VALUE`` overrides,
 Under torchrun every process runs the same flow with its share of each (global) train.batch_size;
 rank 0 alone evaluates and writes the log, checkpoints and results (torchreid_attrimeter/distributed.py).
 
-The final metrics are printed as a table and written to ``<save_dir>/results-<time>.json``.
+One data.save_dir holds one run: a new run refuses a folder with another run's checkpoints, so
+``--evaluate`` and ``--resume auto`` (the folder's latest checkpoint) always find this run's. The
+final metrics are printed as a table and written to ``<save_dir>/results-<time>.json``, which names
+the checkpoint they were computed with.
+
+Exit status: 0 done, 2 bad input (config, data, checkpoint or weights file: one ``error:`` line),
+1 anything else (e.g. a full disk, also reported as one ``error:`` line).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torchreid_attrimeter.config import (
     engine_run_kwargs,
     load_config,
 )
+from torchreid_attrimeter.data import CorruptImageError
 from torchreid_attrimeter.distributed import (
     DistributedError,
     init_distributed,
@@ -40,7 +47,15 @@ from torchreid_attrimeter.distributed import (
     on_main_process,
     run_on_every_rank,
 )
-from torchreid_attrimeter.engine import ResumeError, build_engine, latest_checkpoint
+from torchreid_attrimeter.engine import ResumeError, build_engine, latest_checkpoint, write_file_safely
+from torchreid_attrimeter.feature_cache import FeatureCacheError
+from torchreid_attrimeter.models.adapters import TargetSplitError
+
+# Errors that mean the input is unusable (config, data, checkpoint or weights file); their messages
+# name the file or key and the fix. FileNotFoundError / FileExistsError: a missing input, or a
+# data.save_dir that holds another run.
+BAD_INPUT_ERRORS = (ConfigError, ResumeError, compat.CheckpointError, AttributeFileError, CorruptImageError,
+                    FeatureCacheError, TargetSplitError, DistributedError, FileExistsError, FileNotFoundError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,17 +117,22 @@ def resolve_resume(cfg) -> str | None:
 
 
 def save_results(results: dict, save_dir: str) -> str:
-    """Write ``results-<time>.json`` in save_dir; never replaces an existing file."""
+    """Write ``results-<time>.json`` in save_dir; never replaces an existing file, and a failed write
+    (full disk) leaves no partial file: OSError naming the file."""
     os.makedirs(save_dir, exist_ok=True)
     stem = os.path.join(save_dir, time.strftime("results-%Y%m%d-%H%M%S"))
+    content = json.dumps(results, indent=2, sort_keys=True).encode("utf-8")
     for attempt in range(1000):
         path = f"{stem}.json" if attempt == 0 else f"{stem}-{attempt}.json"
         try:
-            with open(path, "x", encoding="utf-8") as handle:
-                json.dump(results, handle, indent=2, sort_keys=True)
+            write_file_safely(path, lambda stream: stream.write(content), overwrite=False)
             return path
         except FileExistsError:
             continue
+        except OSError as error:
+            raise OSError(error.errno, f"could not write the results file '{path}' ({error.strerror or error}); "
+                          f"the files already in '{save_dir}' are untouched and the metrics are in the "
+                          f"log above. Free disk space and run --evaluate to write them again") from error
     raise FileExistsError(f"could not find a free results file name next to '{stem}.json'")
 
 
@@ -194,8 +214,10 @@ def _run(cfg, context) -> dict:
 
         record = {
             "config": cfg.dump(),
-            "checkpoint": resume if cfg.test.evaluate else latest_checkpoint(cfg.data.save_dir),
-            "epoch": max(start_epoch, cfg.train.max_epoch) if not cfg.test.evaluate else start_epoch,
+            # The checkpoint this run wrote last, or loaded when it trained nothing: never another
+            # run's (the engine refuses a data.save_dir holding one).
+            "checkpoint": engine.last_checkpoint,
+            "epoch": engine.last_checkpoint_epoch,
             "target": {key: (list(value) if isinstance(value, tuple) else value)
                        for key, value in engine.model.target_spec.items()},
             "metric": engine.metric,
@@ -214,10 +236,30 @@ def main(argv: list[str] | None = None) -> dict:
     return run(config_from_args(parse_args(argv)))
 
 
-if __name__ == "__main__":
+def error_line(error: BaseException) -> str:
+    """One line for the user. An error raised in a DataLoader worker reaches here re-raised with the
+    worker's traceback as its message; its last line is the original message."""
+    text = str(error).strip()
+    if isinstance(error, OSError) and error.errno and error.strerror and error.filename is None:
+        text = error.strerror  # our own messages carry an errno for callers, not for the user
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return f"error: {text}"
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with the exit status: 2 and one ``error:`` line for bad input, 1 for other OS errors."""
     try:
-        main()
-    except (ConfigError, ResumeError, compat.CheckpointError, AttributeFileError, FileExistsError,
-            FileNotFoundError, DistributedError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        main(argv)
+    except BAD_INPUT_ERRORS as error:
+        print(error_line(error), file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. a full disk while writing a checkpoint or the results
+        print(error_line(error), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import pickletools
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from types import ModuleType
@@ -126,6 +128,46 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be opened or holds no usable weights."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file whose bytes cannot be read back (truncated, corrupt, not a torch file): the
+    fix is a new copy of the file, not another model or option."""
+
+
+def _first_sentence(error: BaseException) -> str:
+    """torch's messages run over several sentences of general advice: the first one says what broke."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else f"{type(error).__name__}, no message"
+
+
+def _unreadable(path: str, detail: str) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(
+        f"'{path}' cannot be read: the file is truncated or corrupt ({detail}). Download it again, or "
+        f"save it again from the run or model that produced it"
+    )
+
+
+def _pickle_is_well_formed(path: str) -> bool:
+    """Whether the file's (first) pickle parses to its end. ``pickletools.genops`` only reads opcodes
+    and never builds objects, so this is safe on untrusted files; it separates a broken file from
+    an intact one that merely holds Python objects weights-only loading refuses."""
+    try:
+        if zipfile.is_zipfile(path):  # torch >= 1.6 format: <archive>/data.pkl holds the structure
+            with zipfile.ZipFile(path) as archive:
+                names = [name for name in archive.namelist() if name.rsplit("/", 1)[-1] == "data.pkl"]
+                if not names:
+                    return False
+                data = archive.read(names[0])
+            for _ in pickletools.genops(data):
+                pass
+        else:  # legacy format: a sequence of pickles, the first one the magic number
+            with open(path, "rb") as handle:
+                for _ in pickletools.genops(handle):
+                    pass
+    except Exception:  # noqa: BLE001 - any failure to parse means the bytes are broken
+        return False
+    return True
+
+
 def load_checkpoint(path: str | os.PathLike, trusted: bool = False) -> Any:
     """Open a torchreid checkpoint or model-zoo file on CPU, under any torch version.
 
@@ -140,6 +182,8 @@ def load_checkpoint(path: str | os.PathLike, trusted: bool = False) -> Any:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if not _pickle_is_well_formed(path):
+            raise _unreadable(path, "its pickled data does not parse") from None
         if not trusted:
             raise CheckpointError(
                 f"'{path}' holds Python objects beyond tensors and numbers, which torch refuses to "
@@ -147,12 +191,12 @@ def load_checkpoint(path: str | os.PathLike, trusted: bool = False) -> Any:
                 f"trusted=True (option attrimeter.trust_checkpoints in configs)."
             ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise CheckpointError(
-            f"'{path}' is not a readable torch checkpoint (corrupt or truncated?): {error}"
-        ) from None
+        raise _unreadable(path, _first_sentence(error)) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as error:
+        raise _unreadable(path, _first_sentence(error)) from None
+    except Exception as error:  # noqa: BLE001 - e.g. a class the pickle names that no longer exists
         raise CheckpointError(f"'{path}' could not be loaded even as a trusted file: {error}") from None
 
 

@@ -399,7 +399,43 @@ def check_attrimeter_config(cfg: CN) -> None:
                 f"(k_tfm {cfg.data.k_tfm}): only 'random_flip' keeps the target's features fixed. Set "
                 f"data.transforms ['random_flip'] and data.k_tfm 1, or attrimeter.cache_target_features False"
             )
+    check_numbers(cfg)
     check_sampler_config(cfg)
+
+
+def check_numbers(cfg: CN) -> None:
+    """Numeric keys of torchreid's config that have no meaningful value below a bound, where torchreid
+    would run on regardless (an untrained model evaluated for max_epoch <= 0) or fail obscurely.
+
+    Evaluation-only runs (test.evaluate / --evaluate) train nothing, so the training-only keys
+    (max_epoch, start_epoch, lr, weight_decay, print_freq) are not checked then; the data manager
+    still builds the training loader, so batch_size and num_instances always are.
+    """
+    # (key, value, smallest allowed, whether the bound itself is allowed, what the key means)
+    always = [
+        ("train.batch_size", cfg.train.batch_size, 1, True, "images per training batch"),
+        ("sampler.num_instances", cfg.sampler.num_instances, 1, True, "images per identity in a batch"),
+        ("test.batch_size", cfg.test.batch_size, 1, True, "images per evaluation batch"),
+        ("data.workers", cfg.data.workers, 0, True, "data-loading processes (0: none)"),
+    ]
+    training = [
+        ("train.max_epoch", cfg.train.max_epoch, 1, True,
+         "epochs to train; to evaluate without training use --evaluate (test.evaluate True)"),
+        ("train.start_epoch", cfg.train.start_epoch, 0, True, "the epoch training starts from"),
+        ("train.lr", cfg.train.lr, 0, False, "the learning rate"),
+        ("train.weight_decay", cfg.train.weight_decay, 0, True, "the weight decay"),
+        ("train.print_freq", cfg.train.print_freq, 1, True, "batches between two log lines"),
+    ]
+    for key, value, bound, inclusive, meaning in always + ([] if cfg.test.evaluate else training):
+        if value < bound or (value == bound and not inclusive):
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"{key} is {value}: it must be {relation} {bound} ({meaning})")
+    if not cfg.test.evaluate and not cfg.model.resume and cfg.train.start_epoch >= cfg.train.max_epoch:
+        raise ConfigError(
+            f"train.start_epoch is {cfg.train.start_epoch} and train.max_epoch {cfg.train.max_epoch}: a new "
+            f"run would train nothing. Set train.max_epoch above train.start_epoch, continue a run with "
+            f"--resume auto, or evaluate with --evaluate"
+        )
 
 
 def check_sampler_config(cfg: CN) -> None:

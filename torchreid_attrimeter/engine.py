@@ -8,11 +8,16 @@ unfreeze the target or lose finished epochs.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import random
 import re
-from typing import Any
+import uuid
+from collections.abc import Callable
+from typing import IO, Any
 
+import numpy as np
 import torch
 from yacs.config import CfgNode as CN
 
@@ -63,8 +68,116 @@ def list_checkpoints(save_dir: str) -> list[tuple[int, str]]:
 
 
 def latest_checkpoint(save_dir: str) -> str | None:
+    """The checkpoint with the highest epoch in ``<save_dir>/model``; a training run refuses a folder
+    holding another run's checkpoints, so this is the latest of the one run the folder holds."""
     checkpoints = list_checkpoints(save_dir)
     return checkpoints[-1][1] if checkpoints else None
+
+
+# --- writing files that survive interruptions ----------------------------------------------------
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (POSIX); not possible on every OS, hence best effort."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def write_file_safely(path: str, write: Callable[[IO[bytes]], None], overwrite: bool = True) -> None:
+    """Write ``path`` so that it ends up holding everything ``write(stream)`` produced, or is left as
+    it was: the bytes go to a hidden temporary file in the same folder (never named like a
+    checkpoint or results file), are fsync'd, then renamed over ``path``; with ``overwrite=False``
+    the file is linked to ``path`` instead, which fails with FileExistsError if ``path`` exists.
+    Whatever stops the write (an error, a full disk, Ctrl-C) removes the temporary file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    partial = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial")
+    # os.open rather than tempfile: the file gets the umask's permissions, not tempfile's 0600.
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if overwrite:
+            os.replace(partial, path)
+        else:
+            try:
+                os.link(partial, path)  # atomic, and refuses an existing path
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: check, then rename
+                if os.path.exists(path):
+                    raise FileExistsError(f"'{path}' exists") from None
+                os.replace(partial, path)
+            else:
+                os.remove(partial)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+    _fsync_directory(directory)
+
+
+# --- random-number state, for resumed runs that equal uninterrupted ones -------------------------
+
+
+def _loader_generators(loader: Any) -> list[torch.Generator]:
+    """torch Generators a training loader keeps across epochs (its own, its sampler's): they decide
+    the next epoch's order or augmentation beside the global generators. None for torchreid's
+    default loaders, one for the feature-cache loader (its flips)."""
+    found: list[torch.Generator] = []
+    for owner in (loader, getattr(loader, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not other for other in found):
+            found.append(generator)
+    return found
+
+
+def capture_rng_state(loader: Any = None) -> dict:
+    """Every random-number state that decides the next training epoch: python ``random`` and numpy
+    (torchreid's RandomIdentitySampler), torch (RandomSampler, the DataLoader's per-epoch worker
+    base seed, augmentation in the main process), CUDA, and the loader's own generators. Stored as
+    tensors and plain numbers so that checkpoints keep loading with ``weights_only``."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "position": int(position), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+        "loader": [generator.get_state() for generator in _loader_generators(loader)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict, loader: Any = None) -> None:
+    """Put back what ``capture_rng_state`` recorded."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(value) for value in python["internal"].tolist()),
+                     python["gauss_next"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    generators = _loader_generators(loader)
+    if len(generators) == len(state["loader"]):
+        for generator, generator_state in zip(generators, state["loader"]):
+            generator.set_state(generator_state)
 
 
 def _parameter_holder(parameters: list[torch.nn.Parameter]) -> torch.nn.Module:
@@ -169,6 +282,14 @@ class AttriMeterEngine(compat.Engine):
         self.save_dir: str | None = None
         self._written_checkpoints: set[str] = set()
         self._rolling_checkpoint: str | None = None
+        # The checkpoint this run resumed from (None: a fresh run), and the one its results belong
+        # to (the last one it wrote or, when it trained nothing, the one it loaded) with its epoch.
+        self.resumed_from: str | None = None
+        self.last_checkpoint: str | None = None
+        self.last_checkpoint_epoch: int | None = None
+        # Random-number state at the end of the last training epoch; put back before the next one,
+        # so that evaluations in between, or an interruption and resume, do not change training.
+        self.training_rng_state: dict | None = None
         # Under torchrun (distributed.make_engine_distributed): the DistributedDataParallel wrapper the
         # training steps go through, and the run's DistributedContext; one process: the model, None.
         self.training_model: torch.nn.Module = self.model
@@ -235,37 +356,70 @@ class AttriMeterEngine(compat.Engine):
 
     def run(self, save_dir: str = "log", max_epoch: int = 0, start_epoch: int = 0, test_only: bool = False,
             **kwargs) -> None:
-        """torchreid's ``run``, plus a checkpoint after every epoch and a refusal to overwrite the
-        checkpoints of an earlier run in ``save_dir``."""
+        """torchreid's ``run``, plus a checkpoint after every epoch and a refusal to train in a
+        ``save_dir`` holding another run's checkpoints (one folder, one run: ``--evaluate`` and
+        ``--resume auto`` take the folder's latest checkpoint)."""
         self.save_dir = save_dir
         if not test_only:
-            self._on_main_process(self._refuse_to_overwrite, save_dir, start_epoch, max_epoch,
-                                  what="checking data.save_dir")
-            if start_epoch >= max_epoch > 0:
+            if self.resumed_from is None and start_epoch >= max_epoch:
+                raise ConfigError(
+                    f"train.start_epoch is {start_epoch} and train.max_epoch {max_epoch}: a new run would "
+                    f"train nothing and evaluate an untrained interpreter. Set train.max_epoch above "
+                    f"train.start_epoch, or evaluate a trained one with --evaluate (test.evaluate True)"
+                )
+            if self.resumed_from is not None and start_epoch >= max_epoch > 0:
                 # torchreid would "finish" with self.epoch = 0 and save epoch 1 over a real checkpoint.
                 print(f"=> Already trained to epoch {start_epoch} of {max_epoch}: evaluating only")
                 test_only = True
+            else:
+                self._on_main_process(self._check_save_dir_is_this_runs, save_dir, start_epoch,
+                                      what="checking data.save_dir")
         super().run(save_dir=save_dir, max_epoch=max_epoch, start_epoch=start_epoch, test_only=test_only,
                     **kwargs)
 
     def train(self, print_freq: int = 10, fixbase_epoch: int = 0, open_layers=None) -> None:
+        # Under torchrun each rank has its own (seed + rank) streams and the samplers draw from
+        # (seed, epoch): only a single process keeps and restores the global state.
+        single_process = self.distributed is None
+        if single_process and self.training_rng_state is not None:
+            restore_rng_state(self.training_rng_state, self.train_loader)
         if self.distributed is not None:
             self.distributed.start_epoch(self.epoch)
         super().train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
         if self.distributed is not None:
             self.distributed.end_epoch(self.model)
+        self.training_rng_state = capture_rng_state(self.train_loader) if single_process else None
         # torchreid saves only after an evaluation; an interrupted run must not lose finished epochs.
         if self.save_dir is not None:
             self.save_model(self.epoch, None, self.save_dir)
 
-    def _refuse_to_overwrite(self, save_dir: str, start_epoch: int, max_epoch: int) -> None:
-        clashing = [path for epoch, path in list_checkpoints(save_dir) if start_epoch < epoch <= max_epoch]
-        if clashing:
+    def _check_save_dir_is_this_runs(self, save_dir: str, start_epoch: int) -> None:
+        """A fresh run needs a folder without checkpoints; a resumed one, a folder whose checkpoints
+        are its own (it resumed from one of them) and none later than where it starts."""
+        found = list_checkpoints(save_dir)
+        if not found:
+            return
+        directory = checkpoint_dir(save_dir)
+        names = [os.path.basename(path) for _, path in found]
+        shown = ", ".join(names) if len(names) <= 3 else f"{len(names)} checkpoints, {names[0]} to {names[-1]}"
+        resumed_here = self.resumed_from is not None and os.path.samefile(
+            os.path.dirname(os.path.abspath(self.resumed_from)), directory)
+        if not resumed_here:
+            started = (f"resumed from '{self.resumed_from}', outside that folder," if self.resumed_from
+                       else "fresh")
             raise FileExistsError(
-                f"'{checkpoint_dir(save_dir)}' already holds checkpoints of a run that got further than "
-                f"epoch {start_epoch} ({', '.join(os.path.basename(path) for path in clashing)}); training "
-                f"would overwrite them. Resume that run (model.resume auto, or --resume PATH), or set "
-                f"another data.save_dir."
+                f"data.save_dir '{save_dir}' holds the checkpoints of another run in '{directory}' "
+                f"({shown}); this {started} run would mix its checkpoints and results with them, and "
+                f"--evaluate / --resume auto would pick up the other run's latest. Set another "
+                f"data.save_dir for a new run, or continue that run with --resume auto (model.resume auto)."
+            )
+        later = [name for (epoch, _), name in zip(found, names) if epoch > start_epoch]
+        if later:
+            raise FileExistsError(
+                f"'{directory}' already holds checkpoints of a run that got further than epoch "
+                f"{start_epoch} ({', '.join(later)}); training from '{self.resumed_from}' would branch off "
+                f"it and overwrite them. Resume the latest one (model.resume auto, or --resume PATH), or "
+                f"set another data.save_dir."
             )
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -340,12 +494,26 @@ class AttriMeterEngine(compat.Engine):
         if rank1 is not None:
             # torchreid stores cmc[0], a numpy scalar that torch >= 2.6 refuses to load safely.
             state["rank1"] = float(rank1)
+        if self.training_rng_state is not None:
+            state["rng"] = self.training_rng_state
         return state
 
     def save_model(self, epoch: int, rank1: float | None, save_dir: str, is_best: bool = False) -> str:
         """``save_model_here``; under torchrun on rank 0 only."""
-        return self._on_main_process(self.save_model_here, epoch, rank1, save_dir, is_best=is_best,
+        path = self._on_main_process(self.save_model_here, epoch, rank1, save_dir, is_best=is_best,
                                      what=f"saving the checkpoint of epoch {epoch + 1}")
+        self.last_checkpoint, self.last_checkpoint_epoch = path, epoch + 1
+        return path
+
+    def _write_checkpoint(self, path: str, state: dict) -> None:
+        try:
+            write_file_safely(path, lambda stream: torch.save(state, stream))
+        except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+            raise OSError(
+                f"could not write the checkpoint '{path}' ({str(error).strip().splitlines()[0]}); the "
+                f"checkpoints written before are untouched. Free disk space or fix the folder's "
+                f"permissions, then continue with --resume auto"
+            ) from error
 
     def save_model_here(self, epoch: int, rank1: float | None, save_dir: str, is_best: bool = False) -> str:
         """Write ``<save_dir>/model/model.pth.tar-<epoch+1>`` (torchreid's name and layout).
@@ -353,6 +521,7 @@ class AttriMeterEngine(compat.Engine):
         Works without a scheduler (torchreid's crashes on None), never replaces a file this run did
         not write, and writes through a temporary file so an interruption leaves no broken checkpoint.
         A checkpoint written after an epoch without evaluation is replaced by the next one.
+        A failed write raises OSError naming the file.
         """
         directory = checkpoint_dir(save_dir)
         os.makedirs(directory, exist_ok=True)
@@ -362,9 +531,7 @@ class AttriMeterEngine(compat.Engine):
                 f"'{path}' exists and was not written by this run; refusing to overwrite it. Move it away "
                 f"or set another data.save_dir."
             )
-        temporary = path + ".tmp"
-        torch.save(self.checkpoint_state(epoch, rank1), temporary)
-        os.replace(temporary, path)
+        self._write_checkpoint(path, self.checkpoint_state(epoch, rank1))
         self._written_checkpoints.add(path)
         print(f'Checkpoint saved to "{path}"')
 
@@ -374,9 +541,8 @@ class AttriMeterEngine(compat.Engine):
             os.remove(previous)
         self._rolling_checkpoint = path if rank1 is None else None
         if is_best:
-            best = os.path.join(directory, "model-best.pth.tar")
-            torch.save(self.checkpoint_state(epoch, rank1), best + ".tmp")
-            os.replace(best + ".tmp", best)
+            self._write_checkpoint(os.path.join(directory, "model-best.pth.tar"),
+                                   self.checkpoint_state(epoch, rank1))
         return path
 
     def resume(self, path: str) -> int:
@@ -414,6 +580,14 @@ class AttriMeterEngine(compat.Engine):
         epoch = int(checkpoint["epoch"])
         print(f'Resumed from "{path}": epoch {epoch}'
               + (f", rank1 {checkpoint['rank1']:.1%}" if "rank1" in checkpoint else ""))
+        if isinstance(checkpoint.get("rng"), dict):
+            self.training_rng_state = checkpoint["rng"]
+        else:
+            print(f"=> '{path}' holds no random-number state (written before it was saved, or under "
+                  f"torchrun): training continues from it, but not bit for bit as the uninterrupted "
+                  f"run would have")
+        self.resumed_from = path
+        self.last_checkpoint, self.last_checkpoint_epoch = path, epoch
         return epoch
 
 
@@ -478,6 +652,46 @@ def check_attribute_datasets(cfg: CN) -> None:
         set_attribute_file(used[0], attribute_file)
 
 
+def count_training_identities(cfg: CN) -> int:
+    """Identities of the training set ImageDataManager builds from data.sources (torchreid keeps
+    each source's identities apart when it merges them)."""
+    datasets = compat.torchreid_submodule("data.datasets")
+    total = 0
+    for name in cfg.data.sources:
+        dataset = datasets.init_image_dataset(
+            name, transform=None, mode="train", combineall=cfg.data.combineall, root=cfg.data.root,
+            split_id=cfg.data.split_id, cuhk03_labeled=cfg.cuhk03.labeled_images,
+            cuhk03_classic_split=cfg.cuhk03.classic_split, market1501_500k=cfg.market1501.use_500k_distractors,
+            verbose=False)
+        total += dataset.num_train_pids
+    return total
+
+
+def build_datamanager(cfg: CN):
+    """torchreid's ImageDataManager, with the bare AssertionError of its RandomIdentitySampler (a
+    batch asking for more identities than the training set has) turned into a ConfigError."""
+    try:
+        return compat.ImageDataManager(**imagedata_kwargs(cfg))
+    except AssertionError:
+        if cfg.sampler.train_sampler != "RandomIdentitySampler":
+            raise
+        # Counted only now: reading the dataset twice would slow every correct run down.
+        identities = count_training_identities(cfg)
+        batch_size, num_instances = cfg.train.batch_size, cfg.sampler.num_instances
+        wanted = batch_size // num_instances
+        if wanted <= identities:
+            raise
+        largest = identities * num_instances
+        fix = (f"use train.batch_size <= {largest} ({identities} identities x {num_instances} images), "
+               f"or a smaller sampler.num_instances" if identities >= 2 else
+               "the RandomIdentitySampler needs at least 2 training identities: add data")
+        raise ConfigError(
+            f"train.batch_size={batch_size} with sampler.num_instances={num_instances} asks for {wanted} "
+            f"identities per batch, but the training set (data.sources {list(cfg.data.sources)}) has "
+            f"{identities} identities: {fix}"
+        ) from None
+
+
 def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
     """Data manager, target, AttriMeter model, optimizer, scheduler and engine from a config, the way
     torchreid's scripts/main.py builds its engine."""
@@ -485,7 +699,7 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
     check_attrimeter_config(cfg)
     if datamanager is None:
         check_attribute_datasets(cfg)
-        datamanager = compat.ImageDataManager(**imagedata_kwargs(cfg))
+        datamanager = build_datamanager(cfg)
     try:
         schema = attribute_schema_of(datamanager)
     except TypeError as error:
@@ -523,6 +737,10 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
             image_size=(cfg.data.height, cfg.data.width),
             trusted=cfg.attrimeter.trust_checkpoints,
         )
+    except compat.UnreadableCheckpointError as error:
+        raise ConfigError(
+            f"target weights (attrimeter.target_weights / model.load_weights): {error}"
+        ) from None
     except compat.CheckpointError as error:
         raise ConfigError(
             f"the target weights do not fit the target model '{name}': {error}. Set attrimeter.target_name "
