@@ -306,3 +306,72 @@ def test_average_maps_split_images_by_their_labels(explainer, test_loaders):
     torch.testing.assert_close(average.with_attribute[m], maps[positives, m].mean(0))
     assert int(average.with_count[m]) == int(positives.sum())
     assert os.path.basename(paths[0]) and average.to_dict()["attributes"][m]["images_with"] == int(positives.sum())
+
+
+def test_ground_truth_labels_are_carried_and_say_which_attributes_differ(explainer):
+    generator = np.random.default_rng(3)
+    image_a, image_b = generator.random((64, 32, 3)), generator.random((64, 32, 3))
+    labels_a = np.zeros(SCHEMA.num_attributes, np.float32)
+    labels_b = labels_a.copy()
+    labels_b[[0, 5, 12]] = 1.0  # gender, hat, upred differ
+    known_b = np.ones(SCHEMA.num_attributes, bool)
+    known_b[[12, 20]] = False  # upred and downpurple unknown in image b
+    explanation = explainer.explain(image_a, image_b, labels_a=labels_a, labels_b=(labels_b, known_b))
+
+    expected_known = torch.tensor(known_b)
+    assert torch.equal(explanation.labels_known, expected_known)
+    differing = [SCHEMA.attributes[m] for m in np.flatnonzero(explanation.labelled_difference.numpy())]
+    assert differing == [SCHEMA.attributes[0], SCHEMA.attributes[5]]
+    parts = {part.name: part for part in explanation.attributes()}
+    assert parts[SCHEMA.attributes[0]].labelled_differs is True
+    assert parts[SCHEMA.attributes[1]].labelled_differs is False
+    assert parts[SCHEMA.attributes[12]].labelled_differs is None  # differs, but b's label is unknown
+    for part in parts.values():
+        assert part.times_even == pytest.approx(part.share * SCHEMA.num_attributes, rel=1e-6)
+
+    record = json.loads(json.dumps(explanation.to_dict(), allow_nan=False))
+    assert record["even_share"] == pytest.approx(1 / SCHEMA.num_attributes)
+    entries = {entry["name"]: entry for entry in record["attributes"]}
+    assert [name for name, entry in entries.items() if entry["labelled_difference"]] == differing
+    assert entries[SCHEMA.attributes[12]]["labelled_difference"] is None
+    assert entries[SCHEMA.attributes[5]]["label_a"] == 0 and entries[SCHEMA.attributes[5]]["label_b"] == 1
+    assert entries[SCHEMA.attributes[20]]["label_b"] is None
+
+
+def test_without_labels_the_explanation_is_as_before(explainer):
+    explanation = explainer.explain(np.zeros((64, 32, 3), np.uint8), np.ones((64, 32, 3), np.uint8))
+    assert explanation.labels_a is None and explanation.labelled_difference is None
+    assert explanation.labels_known is None
+    assert all(part.labelled_differs is None for part in explanation.attributes())
+    entry = explanation.to_dict()["attributes"][0]
+    assert entry["labelled_difference"] is None and "label_a" not in entry and "label_b" not in entry
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"labels_a": np.zeros(26)}, "labels_a and labels_b together"),
+    ({"labels_a": np.zeros(26), "labels_b": np.zeros(25)}, r"labels_b values: shape \(25,\), expected \(26,\)"),
+    ({"labels_a": (np.zeros(26), np.ones(3, bool)), "labels_b": np.zeros(26)}, "labels_a known mask: shape"),
+    ({"labels_a": np.full(26, 2.0), "labels_b": np.zeros(26)}, "labels_a holds 2.0 at .*must be 0 or 1"),
+])
+def test_bad_labels_are_errors_naming_the_argument(explainer, labels, message):
+    with pytest.raises(ExplainError, match=message):
+        explainer.explain(np.zeros((64, 32, 3), np.uint8), np.ones((64, 32, 3), np.uint8), **labels)
+
+
+def test_explain_ranking_gives_each_pair_the_labels_of_its_two_images(explainer, test_loaders):
+    query_loader, gallery_loader = test_loaders
+    dataset = gallery_loader.dataset
+    query_path = query_loader.dataset.data[0][0]
+    paths = [item[0] for item in dataset.data]
+    values = np.stack([dataset.labels_of(path)[0] for path in paths])
+    known = np.stack([dataset.labels_of(path)[1] for path in paths])
+    ranking = explainer.explain_ranking(query_path, paths, topk=3,
+                                        query_labels=query_loader.dataset.labels_of(query_path),
+                                        gallery_labels=(values, known))
+    for index, explanation in zip(ranking.gallery_indices, ranking.explanations):
+        assert torch.equal(explanation.labels_b, torch.as_tensor(values[index]))
+        assert torch.equal(explanation.labels_a, torch.as_tensor(query_loader.dataset.labels_of(query_path)[0]))
+    ranked = ranking.to_dict()["ranked"]
+    assert all(isinstance(entry["labelled_difference"], bool) for entry in ranked[0]["attributes"])
+    with pytest.raises(ExplainError, match="query_labels and gallery_labels together"):
+        explainer.explain_ranking(query_path, paths, topk=1, gallery_labels=(values, known))

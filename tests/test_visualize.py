@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from explain_fixtures import tiny_setup
+from matplotlib.colors import to_rgb
 from PIL import Image
 
 from torchreid_attrimeter.attributes import get_schema
@@ -25,7 +26,10 @@ from torchreid_attrimeter.report import (
     write_report,
 )
 from torchreid_attrimeter.visualize import (
+    LABELLED_EDGE,
+    LABELLED_MARK,
     MATCH_COLOURS,
+    UNKNOWN_COLOUR,
     EmptyFigureError,
     draw_average_maps,
     draw_pair,
@@ -85,6 +89,71 @@ def test_pair_figure_has_both_images_the_top_maps_on_both_and_grouped_share_bars
     top_titles = [axis.get_title(loc="left") for axis in image_axes if axis.get_title(loc="left")]
     assert [title.split()[1] for title in top_titles] == [part.name for part in explanation.top(2)]
     assert _is_not_blank(figure_png_bytes(figure))
+
+
+def _labelled_pair(explainer, split, known_b=None):
+    """An explanation of two test images with labels: gender, hat and upred differ (upred's label
+    unknown in image b when ``known_b`` says so)."""
+    query, gallery = split
+    labels_a = np.zeros(SCHEMA.num_attributes, np.float32)
+    labels_b = labels_a.copy()
+    labels_b[[SCHEMA.attributes.index(name) for name in ("gender", "hat", "upred")]] = 1.0
+    known = np.ones(SCHEMA.num_attributes, bool) if known_b is None else known_b
+    return explainer.explain(query[0][0], gallery[0][0], labels_a=labels_a, labels_b=(labels_b, known))
+
+
+def _bar_axis(figure):
+    return next(axis for axis in figure.axes if axis.patches and not axis.images)
+
+
+def test_pair_figure_marks_the_attributes_whose_labels_differ(explainer, split):
+    known_b = np.ones(SCHEMA.num_attributes, bool)
+    known_b[SCHEMA.attributes.index("upred")] = False
+    explanation = _labelled_pair(explainer, split, known_b)
+    figure = draw_pair(explanation, k=3)
+    bars = _bar_axis(figure)
+    ticks = {label.get_text().split()[0]: label for label in bars.get_xticklabels()}
+    marked = sorted(name for name, label in ticks.items() if LABELLED_MARK in label.get_text())
+    assert marked == ["gender", "hat"]  # upred differs too, but b's label is unknown
+    assert all(ticks[name].get_fontweight() == "bold" for name in marked)
+    assert ticks["upred"].get_color() == UNKNOWN_COLOUR and ticks["up"].get_fontweight() == "normal"
+    names = [label.get_text().split()[0] for label in bars.get_xticklabels()]
+    for name, patch in zip(names, bars.patches):
+        edged = patch.get_linewidth() > 1.0 and np.allclose(patch.get_edgecolor()[:3], to_rgb(LABELLED_EDGE))
+        assert edged == (name in marked), name
+    assert "labels differ" in figure._suptitle.get_text() and "gender" in figure._suptitle.get_text()
+    texts = [text.get_text() for axis in figure.axes for text in axis.texts] + [
+        axis.get_title(loc="left") for axis in figure.axes]
+    top = explanation.top(3)
+    for part in top:  # each map panel names its share as a multiple of the even share
+        assert any(title.startswith(f"#{top.index(part) + 1} {part.name}") and f"{part.times_even:.1f}\u00d7 even"
+                   in title for title in texts)
+    json.loads(json.dumps(explanation.to_dict(), allow_nan=False))
+
+
+def test_pair_figure_draws_shares_against_the_even_share(explainer, split):
+    explanation = _labelled_pair(explainer, split)
+    figure = draw_pair(explanation)
+    bars = _bar_axis(figure)
+    even = 100.0 / SCHEMA.num_attributes
+    assert any(np.allclose(line.get_ydata(), even) for line in bars.get_lines())
+    for patch in bars.patches:
+        faded = patch.get_alpha() is not None and patch.get_alpha() < 1.0
+        above = patch.get_height() > even * (1 + 1e-6)
+        assert faded == (not above)
+    ratios = [text.get_text() for text in bars.texts]
+    expected = [f"{part.times_even:.1f}\u00d7" for part in explanation.attributes() if part.times_even >= 1.5]
+    assert sorted(ratios) == sorted(expected)
+    assert any("even share 1/26" in text.get_text() for text in bars.get_legend().get_texts())
+
+
+def test_pair_figure_without_labels_has_no_label_marks(explainer, split):
+    query, gallery = split
+    figure = draw_pair(explainer.explain(query[0][0], gallery[0][0]))
+    texts = [label.get_text() for label in _bar_axis(figure).get_xticklabels()] + [figure._suptitle.get_text()]
+    texts += [text.get_text() for text in _bar_axis(figure).get_legend().get_texts()]
+    assert not any(LABELLED_MARK in text for text in texts) and "labels differ" not in " ".join(texts)
+    assert all(patch.get_linewidth() <= 1.0 for patch in _bar_axis(figure).patches)
 
 
 def test_ranked_list_figure_marks_true_and_false_matches(explainer, split):
@@ -162,7 +231,15 @@ def test_tool_writes_pngs_jsons_and_one_self_contained_html(tool, setup, split, 
     record = json.loads((output / "query-002.json").read_text())
     assert record["query"] == query[3][0] and len(record["ranked"]) == 3
     assert [entry["name"] for entry in record["ranked"][0]["attributes"]] == list(SCHEMA.attributes)
+    # The dataset has labels of the interpreter's schema: both images' labels reach every ranked pair.
+    for entry in record["ranked"]:
+        for attribute in entry["attributes"]:
+            assert isinstance(attribute["labelled_difference"], bool)
+            assert attribute["labelled_difference"] == (attribute["label_a"] != attribute["label_b"])
     page = (output / "index.html").read_text()
+    differing = sum(attribute["labelled_difference"] for entry in record["ranked"] for attribute in entry["attributes"])
+    assert differing > 0 and page.count('data-labelled="differs"') >= differing
+    assert 'data-labelled="none"' not in page
     assert page.count('class="query"') == 2 and page.count('class="item pair"') == 6
     assert "http://" not in page and "https://" not in page and "<script src" not in page
     assert page.count("data:image/png;base64,") >= 2 * (1 + 3 + 3) + 2
@@ -256,6 +333,27 @@ def test_tool_reports_a_checkpoint_whose_target_weights_are_gone(tool, setup, tm
     assert code == 2
     error = capsys.readouterr().err
     assert "deleted.pth" in error and "--target-weights" in error
+
+
+def test_report_html_marks_labelled_differences_and_the_even_share(explainer, split):
+    from torchreid_attrimeter.explain import RankingExplanation
+    from torchreid_attrimeter.report import QueryEntry
+
+    labelled = _labelled_pair(explainer, split)
+    plain = explainer.explain(split[0][0][0], split[1][0][0])
+    ranking = RankingExplanation(query_source="q", query_image=labelled.image_a, explanations=[labelled, plain],
+                                 gallery_sources=["g0", "g0"], gallery_indices=[0, 0], matches=[None, None])
+    page = build_report_html([QueryEntry(name="q", ranking=ranking)])
+    labelled_html, plain_html = page.split('class="item pair"')[1:]
+    marked = [name for name in ("gender", "hat", "upred")
+              if f'<span class="name">{name}</span><span class="marks">{LABELLED_MARK}' in labelled_html]
+    assert marked == ["gender", "hat", "upred"]
+    assert 'data-labelled="differs"' in labelled_html and 'data-labelled="same"' in labelled_html
+    assert "labels differ: " in labelled_html and LABELLED_MARK not in plain_html
+    assert 'data-labelled="none"' in plain_html and "labelled-differs" not in plain_html
+    assert plain_html.count('class="even"') == SCHEMA.num_attributes + 5
+    ratio = f"{plain.attributes()[0].times_even:.1f}\u00d7"
+    assert ratio in plain_html
 
 
 def test_report_html_without_entries_states_zero_queries():

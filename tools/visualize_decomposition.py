@@ -10,6 +10,9 @@ With a config, the checkpoint is the latest in data.save_dir (or --checkpoint), 
 data.targets[0] under data.root. Queries are indices into the dataset's query list or image file
 names; without --queries, --num-queries are drawn at random (--seed). An existing report folder is
 never overwritten silently: --overwrite replaces it, --new-folder writes to the next free <output>-N.
+When the dataset has attribute labels of the interpreter's schema, every figure and the HTML mark the
+attributes whose labels differ between the two images (a bold name with '≠' and a dark bar edge), and
+each share is shown against the even share 1/M.
 The report is built in a temporary folder next to --output and moved there only when complete, so a
 failed run (bad checkpoint, unreadable gallery image, full disk, no query explainable) leaves --output
 as it was. Bad input ends with one 'error: ...' line and exit code 2.
@@ -124,12 +127,26 @@ def choose_queries(query_set: list, wanted: list[str], count: int, seed: int) ->
     return chosen
 
 
+def has_labels_for(dataset, attribute_names: tuple[str, ...]) -> bool:
+    """The dataset is an attribute dataset of the interpreter's schema (same names, same order)."""
+    return tuple(getattr(dataset, "attribute_names", ())) == tuple(attribute_names)
+
+
 def attribute_labels(dataset, records: list[ImageRecord], attribute_names: tuple[str, ...]):
     """((N, M) values, (N, M) known) from an attribute dataset, or None (no labels / other schema)."""
-    if tuple(getattr(dataset, "attribute_names", ())) != tuple(attribute_names):
+    if not has_labels_for(dataset, attribute_names):
         return None
     values, known = zip(*(dataset.labels_of(record.path) for record in records))
     return torch.as_tensor(np.stack(values), dtype=torch.float32), torch.as_tensor(np.stack(known), dtype=torch.bool)
+
+
+def labelled_records(dataset, items, attribute_names: tuple[str, ...]) -> list[ImageRecord]:
+    """ImageRecords of torchreid's (path, pid, camid, ...) items, with each image's ground-truth
+    attributes when the dataset has labels of the interpreter's schema (the report marks the
+    attributes whose labels differ)."""
+    labelled = has_labels_for(dataset, attribute_names)
+    return [ImageRecord(item[0], int(item[1]), int(item[2]), dataset.labels_of(item[0]) if labelled else None)
+            for item in items]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = prepare_output_dir(args.output, overwrite=args.overwrite, new_folder=args.new_folder)
         explainer, checkpoint = build_explainer(args, cfg)
         dataset = load_dataset(dataset_name, root)
-        query_set = [ImageRecord(item[0], int(item[1]), int(item[2])) for item in dataset.query]
-        gallery = [ImageRecord(item[0], int(item[1]), int(item[2])) for item in dataset.gallery]
+        query_set = labelled_records(dataset, dataset.query, explainer.attribute_names)
+        gallery = labelled_records(dataset, dataset.gallery, explainer.attribute_names)
         queries = [query_set[index] for index in choose_queries(dataset.query, args.queries, args.num_queries,
                                                                 args.seed)]
         averaged = random.Random(args.seed).sample(gallery, min(args.average_maps_images, len(gallery)))

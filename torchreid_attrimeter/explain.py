@@ -194,6 +194,8 @@ class AttributeShare(NamedTuple):
     contribution: float  # d^m / M, these add up to the reconstructed distance
     share: float  # p^m = d^m / sum_k d^k
     differs: bool | None  # predicted to differ between the two images (attribute branch), else None
+    labelled_differs: bool | None = None  # differs by the images' labels; None: no labels or one unknown
+    times_even: float = 1.0  # share / (1/M): above 1, the attribute takes more than an even share
 
 
 @dataclass
@@ -204,6 +206,8 @@ class Explanation:
     maps_a, maps_b: (M, h, w) attribute-guided attention maps of each image.
     probabilities_a, probabilities_b: (M,) attribute probabilities of the attribute branch, or None.
     image_a, image_b: (H, W, 3) uint8, the images as the model saw them (after resizing).
+    labels_a, labels_b: (M,) ground-truth attribute values in {0, 1}, or None when not given;
+    labels_known_a, labels_known_b: (M,) bool, which of those values are known.
     """
 
     attribute_names: tuple[str, ...]
@@ -219,10 +223,19 @@ class Explanation:
     source_b: str = "image b"
     probabilities_a: torch.Tensor | None = None
     probabilities_b: torch.Tensor | None = None
+    labels_a: torch.Tensor | None = None
+    labels_b: torch.Tensor | None = None
+    labels_known_a: torch.Tensor | None = None
+    labels_known_b: torch.Tensor | None = None
 
     @property
     def num_attributes(self) -> int:
         return len(self.attribute_names)
+
+    @property
+    def even_share(self) -> float:
+        """1/M, the share of every attribute if the distance were split evenly."""
+        return 1.0 / self.num_attributes
 
     @property
     def reconstructed_distance(self) -> float:
@@ -253,6 +266,22 @@ class Explanation:
             return None
         return (self.probabilities_a > 0.5) != (self.probabilities_b > 0.5)
 
+    @property
+    def labels_known(self) -> torch.Tensor | None:
+        """(M,) bool: the attribute's label is known in both images; None without labels."""
+        if self.labels_a is None or self.labels_b is None:
+            return None
+        return _known_or_all(self.labels_known_a, self.labels_a) & _known_or_all(self.labels_known_b, self.labels_b)
+
+    @property
+    def labelled_difference(self) -> torch.Tensor | None:
+        """(M,) bool: the labels of the two images differ (False where either is unknown, see
+        ``labels_known``); None without labels."""
+        known = self.labels_known
+        if known is None:
+            return None
+        return known & (self.labels_a.round() != self.labels_b.round())
+
     def group_of(self, name: str) -> str:
         for group, names in self.attribute_groups.items():
             if name in names:
@@ -261,11 +290,13 @@ class Explanation:
 
     def attributes(self) -> list[AttributeShare]:
         """Every attribute's part, in schema order."""
-        differs = self.predicted_difference
+        differs, labelled, known = self.predicted_difference, self.labelled_difference, self.labels_known
         components, shares = self.attribute_components.tolist(), self.shares.tolist()
         return [
             AttributeShare(name, self.group_of(name), components[m], components[m] / self.num_attributes,
-                           shares[m], None if differs is None else bool(differs[m]))
+                           shares[m], None if differs is None else bool(differs[m]),
+                           bool(labelled[m]) if labelled is not None and bool(known[m]) else None,
+                           shares[m] * self.num_attributes)
             for m, name in enumerate(self.attribute_names)
         ]
 
@@ -282,6 +313,7 @@ class Explanation:
             "target_distance": _finite(self.target_distance),
             "reconstructed_distance": _finite(self.reconstructed_distance),
             "relative_error": _finite(self.relative_error),
+            "even_share": self.even_share,
             "attributes": [
                 {
                     "name": part.name,
@@ -289,8 +321,11 @@ class Explanation:
                     "component": _finite(part.component),
                     "contribution": _finite(part.contribution),
                     "share": _finite(part.share),
+                    "times_even_share": _finite(part.times_even),
                     "predicted_difference": part.differs,
+                    "labelled_difference": part.labelled_differs,
                     **self._probabilities_of(m),
+                    **self._labels_of(m),
                 }
                 for m, part in enumerate(self.attributes())
             ],
@@ -306,6 +341,53 @@ class Explanation:
         if self.probabilities_a is None or self.probabilities_b is None:
             return {}
         return {"probability_a": float(self.probabilities_a[m]), "probability_b": float(self.probabilities_b[m])}
+
+    def _labels_of(self, m: int) -> dict[str, int | None]:
+        """The ground-truth labels of attribute m in both images (None where unknown), if given."""
+        if self.labels_a is None or self.labels_b is None:
+            return {}
+        known_a = _known_or_all(self.labels_known_a, self.labels_a)
+        known_b = _known_or_all(self.labels_known_b, self.labels_b)
+        return {"label_a": int(self.labels_a[m].round()) if bool(known_a[m]) else None,
+                "label_b": int(self.labels_b[m].round()) if bool(known_b[m]) else None}
+
+
+def _known_or_all(known: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(values, dtype=torch.bool) if known is None else known.bool()
+
+
+def check_labels(labels: Any, shape: tuple[int, ...], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground-truth attribute labels as (values float32, known bool) tensors of ``shape``.
+
+    ``labels`` is either the values (0/1 per attribute, every one known) or a (values, known) pair,
+    as ``AttributeImageDataset.labels_of`` returns. Values of known labels must be 0 or 1; values of
+    unknown ones are ignored (set to 0). A wrong shape or value is an ExplainError naming ``name``.
+    """
+    if isinstance(labels, (tuple, list)) and len(labels) == 2 and np.ndim(labels[0]) == len(shape):
+        values, known = labels
+    else:
+        values, known = labels, None
+    try:
+        values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+        known = (torch.ones(values.shape, dtype=torch.bool) if known is None
+                 else torch.as_tensor(np.asarray(known, dtype=bool)))
+    except (TypeError, ValueError) as error:
+        raise ExplainError(f"{name} must be 0/1 values per attribute or a (values, known) pair: {error}") from None
+    for tensor, what in ((values, "values"), (known, "known mask")):
+        if tuple(tensor.shape) != tuple(shape):
+            raise ExplainError(
+                f"{name} {what}: shape {tuple(tensor.shape)}, expected {tuple(shape)} (one entry per attribute, "
+                f"in the model's attribute order)"
+            )
+    values = torch.where(known, values, torch.zeros_like(values))
+    bad = known & ~((values == 0) | (values == 1))
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        raise ExplainError(
+            f"{name} holds {float(values[position])} at {position}: known labels must be 0 or 1 (mark unknown "
+            f"labels in the known mask instead)"
+        )
+    return values, known
 
 
 @dataclass
@@ -443,15 +525,37 @@ class Explainer:
             decomposition.maps = None
         return decomposition
 
-    def explain(self, image_a: ImageInput, image_b: ImageInput) -> Explanation:
-        """Explain the target's distance between two images (paths, PIL images, arrays or tensors)."""
+    def explain(self, image_a: ImageInput, image_b: ImageInput, *, labels_a: Any = None,
+                labels_b: Any = None) -> Explanation:
+        """Explain the target's distance between two images (paths, PIL images, arrays or tensors).
+
+        ``labels_a`` and ``labels_b`` (optional, both or neither) are the images' ground-truth
+        attributes in the model's attribute order: M values in {0, 1}, or a (values, known) pair as
+        ``AttributeImageDataset.labels_of`` returns. The explanation then says which attributes differ
+        by the labels (``labelled_difference``), and the figures mark them.
+        """
+        labels = self._pair_labels(labels_a, labels_b)
         inputs, pictures = self.prepare([image_a, image_b])
         decomposition = self._decompose_tensor(inputs)
         return self._explanation(decomposition[0:1], decomposition[1:2], pictures[0], pictures[1],
-                                 describe_source(image_a), describe_source(image_b))
+                                 describe_source(image_a), describe_source(image_b), *labels)
+
+    def _pair_labels(self, labels_a: Any, labels_b: Any) -> tuple:
+        """(labels_a, known_a, labels_b, known_b) checked, or four Nones without labels."""
+        if labels_a is None and labels_b is None:
+            return None, None, None, None
+        if labels_a is None or labels_b is None:
+            raise ExplainError(
+                f"labels were given for image {'b' if labels_a is None else 'a'} only: give labels_a and labels_b "
+                f"together (mark unknown attributes in a (values, known) pair)"
+            )
+        shape = (len(self.attribute_names),)
+        return (*check_labels(labels_a, shape, "labels_a"), *check_labels(labels_b, shape, "labels_b"))
 
     def _explanation(self, first: Decomposition, second: Decomposition, picture_a: np.ndarray,
-                     picture_b: np.ndarray, source_a: str, source_b: str) -> Explanation:
+                     picture_b: np.ndarray, source_a: str, source_b: str,
+                     labels_a: torch.Tensor | None = None, known_a: torch.Tensor | None = None,
+                     labels_b: torch.Tensor | None = None, known_b: torch.Tensor | None = None) -> Explanation:
         """Explanation of one pair from single-image decompositions (with maps)."""
         distances = pairwise_components(first, second, self.metric)
         probabilities = [None, None]
@@ -471,21 +575,34 @@ class Explainer:
             source_b=source_b,
             probabilities_a=probabilities[0],
             probabilities_b=probabilities[1],
+            labels_a=labels_a,
+            labels_b=labels_b,
+            labels_known_a=known_a,
+            labels_known_b=known_b,
         )
 
     def explain_ranking(self, query: ImageInput, gallery: Sequence[ImageInput], topk: int = 10, *,
                         query_pid: int | None = None, gallery_pids: Sequence[int] | None = None,
                         query_camid: int | None = None, gallery_camids: Sequence[int] | None = None,
-                        gallery_decomposition: Decomposition | None = None) -> RankingExplanation:
+                        gallery_decomposition: Decomposition | None = None, query_labels: Any = None,
+                        gallery_labels: Any = None) -> RankingExplanation:
         """Rank ``gallery`` by the target's distance to ``query`` and explain the top-k pairs.
 
         With identities (``query_pid``, ``gallery_pids``) the ranked items are marked as matches or
         not; with cameras too, gallery items of the query's identity seen by the query's camera are
         left out (torchreid's protocol). ``gallery_decomposition`` (maps may be dropped) reuses a
-        decomposition of the whole gallery computed once for many queries.
+        decomposition of the whole gallery computed once for many queries. With ground-truth
+        attributes (``query_labels``: M values or a (values, known) pair; ``gallery_labels``: (N, M)
+        values or a ((N, M) values, (N, M) known) pair) each explanation carries both images' labels.
         """
         if len(gallery) == 0:
             raise ExplainError("the gallery is empty: give at least one gallery image")
+        if (query_labels is None) != (gallery_labels is None):
+            raise ExplainError("give query_labels and gallery_labels together, or neither")
+        if query_labels is not None:
+            query_labels = check_labels(query_labels, (len(self.attribute_names),), "query_labels")
+            gallery_labels = check_labels(gallery_labels, (len(gallery), len(self.attribute_names)),
+                                          "gallery_labels")
         if gallery_pids is not None and len(gallery_pids) != len(gallery):
             raise ExplainError(f"{len(gallery_pids)} gallery_pids for {len(gallery)} gallery images")
         if gallery_camids is not None and len(gallery_camids) != len(gallery):
@@ -524,7 +641,9 @@ class Explainer:
         chosen_decomposition = self._decompose_tensor(chosen_inputs)
         explanations = [
             self._explanation(query_decomposition, chosen_decomposition[rank:rank + 1], query_pictures[0],
-                              chosen_pictures[rank], describe_source(query), describe_source(gallery[index]))
+                              chosen_pictures[rank], describe_source(query), describe_source(gallery[index]),
+                              *((query_labels[0], query_labels[1], gallery_labels[0][index], gallery_labels[1][index])
+                                if query_labels is not None else ()))
             for rank, index in enumerate(chosen)
         ]
         ranked_pids = [int(gallery_pids[index]) for index in chosen] if gallery_pids is not None else []

@@ -17,8 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchreid_attrimeter.explain import Explanation, RankingExplanation
-from torchreid_attrimeter.visualize import GROUP_COLOURS, MATCH_COLOURS
+import numpy as np
+
+from torchreid_attrimeter.explain import AttributeShare, Explanation, RankingExplanation
+from torchreid_attrimeter.visualize import GROUP_COLOURS, LABELLED_MARK, MATCH_COLOURS, PREDICTED_MARK
 
 REPORT_INDEX = "index.html"
 # Every file write_report writes; a report folder holding anything else is not replaced.
@@ -174,16 +176,25 @@ section.query h2{font-size:16px;margin:0 0 8px 0}
 .notes{font-size:13px;color:#8a4b00;margin:4px 0}
 .error{font-size:13px;color:#b00020;white-space:pre-wrap}
 .ranked{display:flex;gap:10px;overflow-x:auto;align-items:flex-start;padding-bottom:6px}
-.item{flex:0 0 170px;font-size:12px}
+.item{flex:0 0 236px;font-size:12px}
 .item img.thumb{display:block;height:128px;border:4px solid #9e9e9e;border-radius:3px;image-rendering:auto}
 .item.query-item img.thumb{border-color:#000}
 .dist{margin:4px 0}
-.bar{display:grid;grid-template-columns:70px 1fr 40px;align-items:center;gap:4px;margin:1px 0}
-.bar .label{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.bar .track{background:#eee;height:9px;border-radius:2px;overflow:hidden}
-.bar .fill{display:block;height:100%}
-.bar .value{text-align:right;font-variant-numeric:tabular-nums}
-.bar.differs .label{font-weight:600}
+.bar{display:grid;grid-template-columns:94px 1fr 36px 34px;align-items:center;gap:4px;margin:1px 0}
+.bar .label{display:flex;min-width:0;white-space:nowrap}
+.bar .name{overflow:hidden;text-overflow:ellipsis}
+.bar .marks{flex:none;margin-left:3px}
+.bar .track{position:relative;background:#eee;height:10px;border-radius:2px}
+.bar .fill{display:block;height:100%;border-radius:2px;opacity:.35;box-sizing:border-box}
+.bar.above-even .fill{opacity:1}
+.bar .even{position:absolute;top:-2px;bottom:-2px;width:0;border-left:2px dotted #333}
+.bar .value,.bar .ratio{text-align:right;font-variant-numeric:tabular-nums}
+.bar .ratio{color:#777}
+.bar.above-even .ratio{color:#222;font-weight:600}
+.bar.labelled-differs .label{font-weight:700}
+.bar.labelled-differs .fill{border:2px solid #111;opacity:1}
+.bar[data-labelled="unknown"] .label{color:#9e9e9e}
+.labelled-summary{margin:2px 0 4px 0;color:#333}
 details{margin-top:4px}
 summary{cursor:pointer;color:#1565c0}
 .group-name{margin-top:4px;font-weight:600;color:#555}
@@ -225,30 +236,55 @@ _SCRIPT = """
 """
 
 
-def _bar(name: str, share: float, colour: str, differs: bool | None, largest: float) -> str:
-    """One attribute's share as a bar; lengths are relative to the pair's largest share, so small
-    differences between near-uniform shares stay visible (the number gives the absolute share)."""
-    title = f"{name}: {share:.2%} of the distance" + (" (predicted to differ)" if differs else "")
-    classes = "bar differs" if differs else "bar"
-    return (f'<div class="{classes}" title="{html.escape(title)}"><span class="label">{html.escape(name)}'
-            f'{" *" if differs else ""}</span><span class="track"><span class="fill" style="width:'
-            f'{min(max(share / largest, 0.0), 1.0) * 100:.1f}%;background:{colour}"></span></span>'
-            f'<span class="value">{share:.1%}</span></div>')
+def _bar(part: AttributeShare, colour: str, largest: float, even: float, labelled: bool) -> str:
+    """One attribute's share as a bar with a tick at the even share 1/M; lengths are relative to the
+    pair's largest share, so small differences between near-uniform shares stay visible (the numbers
+    give the absolute share and its multiple of the even share). Bars at or below the even share are
+    faded; a bold '≠' name and a dark outline mark attributes whose labels differ ("labelled": the
+    explanation carries labels, so an attribute whose label is unknown is said to be)."""
+    state = ("differs" if part.labelled_differs else "same" if part.labelled_differs is not None
+             else "unknown") if labelled else "none"
+    notes = [f"{part.share:.2%} of the distance, {part.times_even:.2f}\u00d7 the even share {even:.2%}"]
+    if part.labelled_differs:
+        notes.append("the images' labels differ")
+    elif state == "same":
+        notes.append("the images' labels agree")
+    elif state == "unknown":
+        notes.append("label unknown in at least one image")
+    if part.differs:
+        notes.append("predicted to differ")
+    classes = ["bar"] + (["above-even"] if part.times_even > 1.0 else []) + \
+        (["labelled-differs"] if part.labelled_differs else []) + (["differs"] if part.differs else [])
+    marks = (LABELLED_MARK if part.labelled_differs else "") + (PREDICTED_MARK if part.differs else "")
+    width = min(max(part.share / largest, 0.0), 1.0) * 100
+    return (f'<div class="{" ".join(classes)}" data-labelled="{state}" data-times-even="{part.times_even:.3f}" '
+            f'title="{html.escape(part.name + ": " + "; ".join(notes))}"><span class="label"><span class="name">'
+            f'{html.escape(part.name)}</span><span class="marks">{marks}</span></span><span class="track"><span class="fill" '
+            f'style="width:{width:.1f}%;background:{colour}"></span><span class="even" style="left:'
+            f'{min(even / largest, 1.0) * 100:.1f}%"></span></span><span class="value">{part.share:.1%}</span>'
+            f'<span class="ratio">{part.times_even:.1f}\u00d7</span></div>')
 
 
 def _bars(explanation: Explanation) -> str:
     colours = {group: GROUP_COLOURS[index % len(GROUP_COLOURS)]
                for index, group in enumerate(explanation.attribute_groups)}
     parts = {part.name: part for part in explanation.attributes()}
-    largest = max(max(part.share for part in parts.values()), 1e-12)
-    top = "".join(_bar(part.name, part.share, colours[part.group], part.differs, largest)
-                  for part in explanation.top(BARS_SHOWN))
+    # The largest share is at least the even share (the mean of the shares), so the tick fits.
+    largest = max(max(part.share for part in parts.values()), explanation.even_share)
+    labelled = explanation.labels_known is not None
+
+    def bar(part: AttributeShare) -> str:
+        return _bar(part, colours[part.group], largest, explanation.even_share, labelled)
+
+    top = "".join(bar(part) for part in explanation.top(BARS_SHOWN))
     grouped = []
     for group, members in explanation.attribute_groups.items():
-        rows = "".join(_bar(name, parts[name].share, colours[group], parts[name].differs, largest)
-                       for name in members if name in parts)
+        rows = "".join(bar(parts[name]) for name in members if name in parts)
         grouped.append(f'<div class="group-name">{html.escape(group)}</div>{rows}')
-    return (f'<div class="bars">{top}</div><details><summary>all {explanation.num_attributes} '
+    differing = [part.name for part in sorted(parts.values(), key=lambda part: -part.share) if part.labelled_differs]
+    summary = (f'<div class="labelled-summary">labels differ: {html.escape(", ".join(differing) or "none")}</div>'
+               if labelled else "")
+    return (f'{summary}<div class="bars">{top}</div><details><summary>all {explanation.num_attributes} '
             f'attributes</summary>{"".join(grouped)}</details>')
 
 
@@ -309,7 +345,10 @@ def build_report_html(entries: Sequence[QueryEntry], title: str = "AttriMeter ex
     extras = "".join(f'<section class="dataset"><h2>{html.escape(name)}</h2><figure><img alt="{html.escape(name)}" '
                      f'src="{data_uri(png)}"></figure></section>' for name, png in (extra_figures or {}).items())
     legend = ("Borders: green = same identity as the query, red = another identity, grey = unknown. Bars: "
-              "share of the target's distance per attribute (* = the attribute branch predicts a difference).")
+              "share of the target's distance per attribute; the dotted tick marks the even share 1/M and "
+              "N\u00d7 is the share divided by it (faded bars are at or below it). "
+              f"{LABELLED_MARK} with a bold name and a dark outline = the images' labels differ (grey name: "
+              f"label unknown); {PREDICTED_MARK} = the attribute branch predicts a difference.")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
@@ -352,11 +391,30 @@ def _write_file(path: str, content: bytes | str, shown_as: str | None = None) ->
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One dataset image: its path and, when known, identity and camera."""
+    """One dataset image: its path and, when known, identity, camera and ground-truth attributes
+    ((M,) values, (M,) known) in the model's attribute order, as ``AttributeImageDataset.labels_of``
+    returns them."""
 
     path: str
     pid: int | None = None
     camid: int | None = None
+    labels: tuple[Any, Any] | None = None
+
+
+def _labels_or_unknown(record: ImageRecord, num_attributes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The record's (values, known), all-unknown when it has none."""
+    if record.labels is None:
+        return np.zeros(num_attributes, np.float32), np.zeros(num_attributes, bool)
+    values, known = record.labels
+    return np.asarray(values, np.float32), np.asarray(known, bool)
+
+
+def _gallery_labels(gallery: Sequence[ImageRecord], num_attributes: int):
+    """((N, M) values, (N, M) known) for ``explain_ranking``, or None when no gallery image has labels."""
+    if all(record.labels is None for record in gallery):
+        return None
+    pairs = [_labels_or_unknown(record, num_attributes) for record in gallery]
+    return np.stack([values for values, _ in pairs]), np.stack([known for _, known in pairs])
 
 
 @dataclass
@@ -434,6 +492,10 @@ def _write_report_files(explainer, queries: Sequence[ImageRecord], gallery: Sequ
     identities_known = all(pid is not None for pid in gallery_pids)
     cameras_known = all(camid is not None for camid in gallery_camids)
     gallery_decomposition = explainer.decompose(gallery_paths, keep_maps=False)
+    num_attributes = len(explainer.attribute_names)
+    gallery_labels = _gallery_labels(gallery, num_attributes)
+    unknown_gallery = (np.zeros((len(gallery), num_attributes), np.float32),
+                       np.zeros((len(gallery), num_attributes), bool))
 
     def save_png(png: bytes, name: str) -> None:
         _write_file(os.path.join(staged, name), png, shown_as=os.path.join(folder, name))
@@ -447,6 +509,8 @@ def _write_report_files(explainer, queries: Sequence[ImageRecord], gallery: Sequ
     for number, query in enumerate(queries, 1):
         stem = _query_stem(number)
         entry = QueryEntry(name=os.path.basename(query.path), json_file=f"{stem}.json")
+        # Labels are passed when any image has them (images without count as unknown).
+        labelled = gallery_labels is not None or query.labels is not None
         try:
             ranking = explainer.explain_ranking(
                 query.path, gallery_paths, topk,
@@ -455,6 +519,8 @@ def _write_report_files(explainer, queries: Sequence[ImageRecord], gallery: Sequ
                 query_camid=query.camid if cameras_known else None,
                 gallery_camids=gallery_camids if cameras_known else None,
                 gallery_decomposition=gallery_decomposition,
+                query_labels=_labels_or_unknown(query, num_attributes) if labelled else None,
+                gallery_labels=(gallery_labels if gallery_labels is not None else unknown_gallery) if labelled else None,
             )
         except (FileNotFoundError, CorruptImageError, ExplainError) as error:
             entry.error = str(error)

@@ -14,9 +14,10 @@ import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from torchreid_attrimeter.explain import AverageMaps, Explanation, RankingExplanation
+from torchreid_attrimeter.explain import AttributeShare, AverageMaps, Explanation, RankingExplanation
 
 MATCH_COLOURS = {True: "#1a9850", False: "#d73027", None: "#9e9e9e"}
 GROUP_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
@@ -98,10 +99,31 @@ def _hide_axes(axis) -> None:
 
 # --- pair figure ---------------------------------------------------------------------------------------------
 
+# How a differing attribute is marked: by the images' labels (ground truth) and by the attribute
+# branch's prediction. The figure, the ranked list and the HTML report use the same marks.
+LABELLED_MARK = "\u2260"  # ≠
+PREDICTED_MARK = "*"
+LABELLED_EDGE = "#111111"
+UNKNOWN_COLOUR = "#9e9e9e"
+FADED_ALPHA = 0.35  # bars at or below the even share
+SUMMARY_NAMES = 6  # differing attributes named in the figure's heading, largest share first
+RATIO_SHOWN = 1.5  # bars at least this many times the even share get their ratio written above them
+
+
+def attribute_label(part: AttributeShare) -> str:
+    """The attribute's name with its marks: '≠' differs by the labels, '*' predicted to differ."""
+    marks = (LABELLED_MARK if part.labelled_differs else "") + (PREDICTED_MARK if part.differs else "")
+    return f"{part.name} {marks}" if marks else part.name
+
+
+def times_even_text(part: AttributeShare) -> str:
+    return f"{part.times_even:.1f}\u00d7 even"
+
 
 def draw_pair(explanation: Explanation, k: int = 3, title: str | None = None) -> Figure:
     """Both images, the top-k attributes' maps upsampled over both, and a bar chart of all shares
-    grouped by attribute group, with the target and reconstructed distances."""
+    grouped by attribute group against the even share 1/M, with the target and reconstructed
+    distances. Attributes whose labels differ (when the explanation carries labels) are marked."""
     _check_drawable(explanation)
     k = max(1, min(int(k), explanation.num_attributes))
     top = explanation.top(k)
@@ -110,9 +132,16 @@ def draw_pair(explanation: Explanation, k: int = 3, title: str | None = None) ->
     # Size the image row to the pictures' aspect ratio, so no empty band separates it from the bars.
     figure_width = max(9.0, 1.25 * columns)
     image_row = 0.775 * figure_width / columns * height / max(width, 1)
-    bar_row = 2.6
-    figure = new_figure(figure_width, image_row + bar_row + 2.2)
-    grid = figure.add_gridspec(2, columns, height_ratios=(image_row, bar_row), hspace=0.12, wspace=0.08)
+    bar_row = 2.8
+    # Fixed room (inches) for the heading and the map titles above the images, for the bars' legend
+    # between the rows and for the rotated names below the bars.
+    heading_lines = 2 + (explanation.labels_known is not None)
+    above, between, below = 0.2 * heading_lines + 0.5, 0.8, 1.0
+    figure_height = above + image_row + between + bar_row + below
+    figure = new_figure(figure_width, figure_height)
+    grid = figure.add_gridspec(2, columns, height_ratios=(image_row, bar_row), wspace=0.08,
+                               hspace=between / ((image_row + bar_row) / 2), top=1 - above / figure_height,
+                               bottom=below / figure_height)
 
     for column, (image, label) in enumerate(((explanation.image_a, "image A"), (explanation.image_b, "image B"))):
         axis = figure.add_subplot(grid[0, column])
@@ -131,44 +160,94 @@ def draw_pair(explanation: Explanation, k: int = 3, title: str | None = None) ->
             axis.imshow(overlay_map(image, attention, low, high))
             _hide_axes(axis)
             if side == 0:
-                mark = " *" if part.differs else ""
-                axis.set_title(f"#{rank + 1} {part.name}{mark}\n{part.share:.1%}", fontsize=9, loc="left")
+                axis.set_title(f"#{rank + 1} {attribute_label(part)}\n{part.share:.1%}  {times_even_text(part)}",
+                               fontsize=9, loc="left", fontweight="bold" if part.labelled_differs else "normal")
 
     _draw_share_bars(figure.add_subplot(grid[1, :]), explanation)
     heading = title or f"{os.path.basename(explanation.source_a)} vs {os.path.basename(explanation.source_b)}"
     figure.suptitle(
         f"{heading}\n{explanation.metric} distance {explanation.target_distance:.4f}  (interpreter "
-        f"{explanation.reconstructed_distance:.4f}, relative error {explanation.relative_error:.1%})",
-        fontsize=10,
+        f"{explanation.reconstructed_distance:.4f}, relative error {explanation.relative_error:.1%})"
+        f"{_labelled_summary(explanation)}",
+        fontsize=10, y=1 - 0.08 / figure_height, va="top",
     )
     return figure
 
 
+def _labelled_summary(explanation: Explanation) -> str:
+    """A line naming the attributes that differ by the labels, largest share first ('' without labels)."""
+    known = explanation.labels_known
+    if known is None:
+        return ""
+    differing = [part for part in sorted(explanation.attributes(), key=lambda part: -part.share)
+                 if part.labelled_differs]
+    shown = SUMMARY_NAMES
+    names = ", ".join(f"{part.name} ({part.times_even:.1f}\u00d7)" for part in differing[:shown]) or "none"
+    if len(differing) > shown:
+        names += f" and {len(differing) - shown} more"
+    unknown = explanation.num_attributes - int(known.sum())
+    return (f"\nlabels differ ({LABELLED_MARK}): {names}" +
+            (f"   [{unknown} of {explanation.num_attributes} unknown]" if unknown else ""))
+
+
 def _draw_share_bars(axis, explanation: Explanation) -> None:
-    """All shares in schema-group order, one colour per group; * marks predicted differences."""
+    """All shares (%) in schema-group order, one colour per group, against the even share 1/M: bars
+    above it in full colour with their ratio written above them, the rest faded. A dark edge and a
+    bold '≠' name mark attributes whose labels differ; '*' marks predicted differences; names whose
+    labels are unknown are grey."""
     parts = {part.name: part for part in explanation.attributes()}
     colours = group_colours(list(explanation.attribute_groups))
-    names, shares, bar_colours = [], [], []
-    for group, members in explanation.attribute_groups.items():
-        for name in members:
-            if name in parts:
-                names.append(name + (" *" if parts[name].differs else ""))
-                shares.append(parts[name].share * 100.0)
-                bar_colours.append(colours[group])
-    positions = np.arange(len(names))
-    axis.bar(positions, shares, color=bar_colours)
-    axis.axhline(100.0 / explanation.num_attributes, color="#555555", linewidth=0.8, linestyle="--")
+    ordered = [(group, parts[name]) for group, members in explanation.attribute_groups.items()
+               for name in members if name in parts]
+    even = 100.0 * explanation.even_share
+    positions = np.arange(len(ordered))
+    shares = [part.share * 100.0 for _, part in ordered]
+    bars = axis.bar(positions, shares, width=0.78, color=[colours[group] for group, _ in ordered])
+    for bar, (_, part) in zip(bars, ordered):
+        if part.times_even <= 1.0:
+            bar.set_alpha(FADED_ALPHA)
+        if part.labelled_differs:
+            bar.set_edgecolor(LABELLED_EDGE)
+            bar.set_linewidth(1.8)
+            bar.set_alpha(None if part.times_even > 1.0 else 0.6)
+    highest = max(max(shares), even)
+    for position, (_, part) in zip(positions, ordered):
+        if part.times_even >= RATIO_SHOWN:
+            axis.text(position, part.share * 100.0 + 0.02 * highest, f"{part.times_even:.1f}\u00d7",
+                      ha="center", va="bottom", fontsize=6.5,
+                      fontweight="bold" if part.labelled_differs else "normal")
+    axis.axhline(even, color="#333333", linewidth=1.0, linestyle="--", zorder=3)
+
     axis.set_xticks(positions)
-    axis.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
-    axis.set_xlim(-0.6, len(names) - 0.4)
-    # Head room above the tallest bar for the legend.
-    axis.set_ylim(0.0, max(max(shares), 100.0 / explanation.num_attributes) * 1.4)
+    axis.set_xticklabels([attribute_label(part) for _, part in ordered], rotation=70, ha="right",
+                         rotation_mode="anchor", fontsize=7.5)
+    for tick, (_, part) in zip(axis.get_xticklabels(), ordered):
+        if part.labelled_differs:
+            tick.set_fontweight("bold")
+        elif explanation.labels_known is not None and part.labelled_differs is None:
+            tick.set_color(UNKNOWN_COLOUR)
+    axis.set_xlim(-0.6, len(ordered) - 0.4)
+    axis.set_ylim(0.0, highest * 1.15)  # room for the ratios above the tallest bars
     axis.set_ylabel("share of distance (%)", fontsize=8)
     axis.tick_params(axis="y", labelsize=7)
+    axis.spines[["top"]].set_visible(False)
+    count = explanation.num_attributes
+    # The same bars read as multiples of the even share on the right.
+    ratio_axis = axis.secondary_yaxis("right", functions=(lambda percent: percent * count / 100.0,
+                                                          lambda ratio: ratio * 100.0 / count))
+    ratio_axis.set_ylabel("\u00d7 even share", fontsize=8)
+    ratio_axis.tick_params(labelsize=7)
+
     legend = [Patch(color=colours[group], label=group) for group in explanation.attribute_groups]
-    legend.append(Patch(facecolor="none", edgecolor="none", label="-- uniform 1/M" +
-                        ("   * predicted to differ" if explanation.predicted_difference is not None else "")))
-    axis.legend(handles=legend, fontsize=7, ncol=min(len(legend), 4), loc="upper right", frameon=False)
+    legend.append(Line2D([], [], color="#333333", linewidth=1.0, linestyle="--",
+                         label=f"even share 1/{count} = {even:.1f} %"))
+    if explanation.labels_known is not None:
+        legend.append(Patch(facecolor="#dddddd", edgecolor=LABELLED_EDGE, linewidth=1.8,
+                            label=f"{LABELLED_MARK} labels differ"))
+    if explanation.predicted_difference is not None:
+        legend.append(Patch(facecolor="none", edgecolor="none", label=f"{PREDICTED_MARK} predicted to differ"))
+    axis.legend(handles=legend, fontsize=7, ncol=min(len(legend), 5), loc="lower center",
+                bbox_to_anchor=(0.5, 1.0), frameon=False, handlelength=1.6, columnspacing=1.2)
 
 
 # --- ranked-list figure ---------------------------------------------------------------------------------------
@@ -206,7 +285,7 @@ def draw_ranking(ranking: RankingExplanation, attributes_per_item: int = 3, titl
             spine.set_edgecolor(colour)
             spine.set_linewidth(4)
         axis.set_title(f"#{rank + 1}  d={explanation.target_distance:.3f}", fontsize=8, color=colour)
-        lines = [f"{part.name} {part.share:.0%}" for part in explanation.top(attributes_per_item)]
+        lines = [f"{attribute_label(part)} {part.share:.0%}" for part in explanation.top(attributes_per_item)]
         axis.text(0.5, -0.04, "\n".join(lines), transform=axis.transAxes, ha="center", va="top", fontsize=7)
 
     heading = title or os.path.basename(ranking.query_source)
