@@ -1,4 +1,4 @@
-"""The explanation-aware evaluator against a slow, one-pair-at-a-time reference (method page §6):
+"""The explanation-aware evaluator against a slow, one-pair-at-a-time reference (docs/method.md §6):
 retrieval of target and interpreter, ADRE, X-mAP_e, X-mAP_c (N = 0 rule), top-k precision, agreement,
 unknown labels, pair modes, tiling, and the extraction loop."""
 

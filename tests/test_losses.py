@@ -1,4 +1,4 @@
-"""The losses of method page §4 on small cases computed by hand, with masks and gradients."""
+"""The losses of docs/method.md §4 on small cases computed by hand, with masks and gradients."""
 
 import math
 

@@ -1,5 +1,5 @@
 """What the interpreter returns for a batch of images, and the one implementation of the pairwise
-target distance and attribute components (method page §2), used by the losses, the evaluator and
+target distance and attribute components (docs/method.md §2), used by the losses, the evaluator and
 the explain API alike."""
 
 from __future__ import annotations

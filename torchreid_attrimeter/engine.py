@@ -1,4 +1,4 @@
-"""AttriMeterEngine: torchreid's Engine training the interpreter of a frozen target (method page §4-5),
+"""AttriMeterEngine: torchreid's Engine training the interpreter of a frozen target (docs/method.md §4-5),
 evaluating it with the explanation-aware evaluator, and saving checkpoints of the interpreter alone.
 
 torchreid's loop (``run``/``train``, printing, TensorBoard) is reused as is; this subclass overrides
@@ -611,7 +611,7 @@ def check_same_target(saved: dict, current: dict, path: str) -> None:
 
 
 def batch_adre(target_distance: torch.Tensor, reconstructed_distance: torch.Tensor) -> float:
-    """ADRE (method page §6) over the off-diagonal pairs of a training batch, in %.
+    """ADRE (docs/method.md §6) over the off-diagonal pairs of a training batch, in %.
 
     target_distance, reconstructed_distance: (B, B).
     """

@@ -1,5 +1,5 @@
 """Explanations of single distances: how much each attribute contributes to the target's distance
-between two images, and where (method page §2 and §8). This module computes; drawing lives in
+between two images, and where (docs/method.md §2 and §8). This module computes; drawing lives in
 ``torchreid_attrimeter.visualize`` and takes what it returns.
 
 Every number comes from ``decomposition.pairwise_components``, the implementation the losses and
@@ -666,7 +666,7 @@ class Explainer:
     def average_maps(self, images: Sequence[ImageInput], attributes: torch.Tensor,
                      known: torch.Tensor | None = None) -> AverageMaps:
         """Per attribute, the mean map over images that have it and over images that don't
-        (method page §8). attributes: (N, M) in {0, 1}; known: (N, M) bool, unknown labels skipped."""
+        (docs/method.md §8). attributes: (N, M) in {0, 1}; known: (N, M) bool, unknown labels skipped."""
         attributes = torch.as_tensor(attributes, dtype=torch.float32)
         if attributes.shape != (len(images), len(self.attribute_names)):
             raise ExplainError(

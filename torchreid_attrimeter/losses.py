@@ -1,4 +1,4 @@
-"""The interpreter's losses (method page §4): distance distillation, attribute prior and the
+"""The interpreter's losses (docs/method.md §4): distance distillation, attribute prior and the
 frequency-weighted attribute BCE. The training batch is compared with itself, so every loss over
 pairs excludes the diagonal pairs i == j."""
 
@@ -51,7 +51,7 @@ def _check_attribute_labels(attributes: torch.Tensor, known: torch.Tensor | None
 
 class AttributePriorLoss(nn.Module):
     """Components of attributes two people differ in should take a large share of their distance,
-    shared attributes a small one (method page §4, reconstructed from the authors' code).
+    shared attributes a small one (docs/method.md §4, reconstructed from the authors' code).
 
     Per pair (i, j), over the K attributes known for both images (unknown ones are masked out):
     delta_m = 1 if the attribute differs, N = sum delta, shares p^m = d^m / sum_known d^k,

@@ -1,5 +1,5 @@
 """The explanation-aware evaluator (detectron2 style: ``reset`` / ``process`` / ``evaluate``): target
-and interpreter retrieval, ADRE, X-mAP_e / X-mAP_c and per-attribute statistics (method page §6), plus
+and interpreter retrieval, ADRE, X-mAP_e / X-mAP_c and per-attribute statistics (docs/method.md §6), plus
 the extraction loop that feeds it from a model and torchreid loaders.
 
 ``process`` only stores embeddings (the maps are dropped). ``evaluate`` walks chunks of queries and,

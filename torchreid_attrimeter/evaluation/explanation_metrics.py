@@ -1,4 +1,4 @@
-"""Per-pair explanation metrics of the method page §6 on blocks of pairs, vectorised over pairs:
+"""Per-pair explanation metrics of docs/method.md §6 on blocks of pairs, vectorised over pairs:
 X-mAP_e, X-mAP_c (with the N = 0 rule), top-k attribute precision/recall and attribute agreement.
 This is the definition the evaluator's C kernel (pair_metrics.c, used on CPU) follows step by step;
 the tests hold the two to each other.

@@ -1,6 +1,6 @@
 """Target adapters: split a torchreid model into a frozen shared stem, a trunk (the late layers that
 produce the last feature map F) and a tail (whatever turns F into the eval embedding), per model
-family, and check the split against the model's own eval forward (method page §2-3).
+family, and check the split against the model's own eval forward (docs/method.md §2-3).
 
 Per-family knowledge is keyed on the torchreid module that defines the model class (``resnet``,
 ``osnet``, ``mlfn``, ...), so it works for models built by name and for models the user built.

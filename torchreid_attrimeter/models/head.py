@@ -1,5 +1,5 @@
 """The interpreter's own layers: the attribute decomposition head, the positive map activation and
-the optional attribute-recognition branch (method page §3-4)."""
+the optional attribute-recognition branch (docs/method.md §3-4)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class AttributeDecompositionHead(nn.Module):
 
 class AttributeRecognitionBranch(nn.Module):
     """Pooled interpreter features (B, C, h, w) -> attribute logits (B, M), trained with the
-    frequency-weighted BCE (method page §4)."""
+    frequency-weighted BCE (docs/method.md §4)."""
 
     def __init__(self, in_channels: int, num_attributes: int):
         super().__init__()
