@@ -21,43 +21,30 @@ from torchreid_attrimeter import compat
 from torchreid_attrimeter import engine as engine_module
 from torchreid_attrimeter.config import ConfigError
 from torchreid_attrimeter.data import CorruptImageError
-from torchreid_attrimeter.data.synthetic import generate_synthetic_dataset
 from torchreid_attrimeter.engine import build_engine, list_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TOOL = os.path.join(REPO, "tools", "train.py")
-sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import train as train_tool  # tools/ is not a package
-from test_engine import TINY_DATASET, tiny_config
+from tiny_run import tiny_config
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_synthetic_dataset(str(root), seed=3, **TINY_DATASET)
-    return str(root)
+def weights(tiny_targets):
+    return tiny_targets["resnet18"]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = compat.build_model("resnet18", num_classes=8, loss="softmax", pretrained=False, use_gpu=False)
-    path = str(tmp_path_factory.mktemp("target") / "resnet18.pth")
-    torch.save(model.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def engine(data_root, weights, tmp_path_factory):
-    return build_engine(tiny_config(data_root, weights, tmp_path_factory.mktemp("log"),
+def engine(tiny_data_root, weights, tmp_path_factory):
+    return build_engine(tiny_config(tiny_data_root, weights, tmp_path_factory.mktemp("log"),
                                     **{"attrimeter.variant": "head"}))
 
 
-def _corrupt_copy(data_root, folder, destination, every_image=False):
+def _corrupt_copy(tiny_data_root, folder, destination, every_image=False):
     """A copy of the dataset whose first (or every) image in ``folder`` is cut short; returns (root,
     the names of the cut images)."""
-    shutil.copytree(data_root, destination)
+    shutil.copytree(tiny_data_root, destination)
     images = sorted(glob.glob(os.path.join(str(destination), "synthetic_attr", folder, "*.jpg")))
     images = images if every_image else images[:1]
     for image in images:
@@ -155,16 +142,16 @@ def test_the_tool_reports_a_failed_write_in_one_line_with_exit_1(monkeypatch, ca
 
 
 @pytest.mark.parametrize("folder", ["query", "bounding_box_test"])
-def test_a_corrupt_query_or_gallery_image_stops_evaluation_naming_it(data_root, weights, tmp_path, folder):
-    root, (image,) = _corrupt_copy(data_root, folder, tmp_path / "data")
+def test_a_corrupt_query_or_gallery_image_stops_evaluation_naming_it(tiny_data_root, weights, tmp_path, folder):
+    root, (image,) = _corrupt_copy(tiny_data_root, folder, tmp_path / "data")
     engine = build_engine(tiny_config(root, weights, tmp_path / "log", **{"attrimeter.variant": "head"}))
     with pytest.raises(CorruptImageError, match=image):
         engine.test(ranks=[1])
 
 
-def test_a_corrupt_training_image_is_one_error_line_and_exit_2(data_root, weights, tmp_path):
+def test_a_corrupt_training_image_is_one_error_line_and_exit_2(tiny_data_root, weights, tmp_path):
     # Every training image: the identity sampler leaves some images out of an epoch.
-    root, images = _corrupt_copy(data_root, "bounding_box_train", tmp_path / "data", every_image=True)
+    root, images = _corrupt_copy(tiny_data_root, "bounding_box_train", tmp_path / "data", every_image=True)
     config = tmp_path / "run.yaml"
     config.write_text(tiny_config(root, weights, tmp_path / "log", **{"attrimeter.variant": "head"}).dump())
     completed = subprocess.run([sys.executable, TRAIN_TOOL, "--config-file", str(config)],
@@ -186,13 +173,13 @@ def test_an_error_raised_in_a_loader_worker_is_reported_by_its_own_message():
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_unreadable_target_weights_say_so_and_name_the_file(data_root, weights, tmp_path, damage):
+def test_unreadable_target_weights_say_so_and_name_the_file(tiny_data_root, weights, tmp_path, damage):
     with open(weights, "rb") as handle:
         data = handle.read()
     broken = tmp_path / f"{damage}.pth"
     broken.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00garbage" * 50, "empty": b""}[damage])
     with pytest.raises(ConfigError) as raised:
-        build_engine(tiny_config(data_root, str(broken), tmp_path / "log"))
+        build_engine(tiny_config(tiny_data_root, str(broken), tmp_path / "log"))
     message = str(raised.value)
     assert f"{damage}.pth" in message and "truncated or corrupt" in message
     assert "Download it again" in message and "attrimeter.target_name" not in message

@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
+from tiny_run import tiny_config
 
 from torchreid_attrimeter import compat
-from torchreid_attrimeter.config import ConfigError, get_default_config
-from torchreid_attrimeter.data.synthetic import generate_synthetic_dataset
+from torchreid_attrimeter.config import ConfigError
 from torchreid_attrimeter.engine import (
     AttriMeterEngine,
     ResumeError,
@@ -21,65 +21,12 @@ from torchreid_attrimeter.engine import (
     list_checkpoints,
 )
 
-TINY_DATASET = {
-    "num_train_identities": 8, "num_test_identities": 6, "num_cameras": 2, "min_images_per_identity": 4,
-    "max_images_per_identity": 4, "num_distractor_images": 0, "num_junk_images": 0, "image_height": 64,
-    "image_width": 32,
-}
-
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_synthetic_dataset(str(root), seed=3, **TINY_DATASET)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def target_files(tmp_path_factory):
-    """Weights files of two untrained targets of different families (what matters here is the
-    plumbing, not what they learned)."""
-    folder = tmp_path_factory.mktemp("targets")
-    files = {}
-    for name in ("osnet_x0_25", "resnet18"):
-        torch.manual_seed(0)
-        model = compat.build_model(name, num_classes=8, loss="softmax", pretrained=False, use_gpu=False)
-        files[name] = str(folder / f"{name}.pth")
-        torch.save(model.state_dict(), files[name])
-    return files
-
-
-def tiny_config(data_root, weights, save_dir, name="resnet18", **overrides):
-    cfg = get_default_config()
-    cfg.use_gpu = False
-    cfg.model.name = name
-    cfg.model.pretrained = False
-    cfg.model.load_weights = weights
-    cfg.data.root = data_root
-    cfg.data.sources = ["synthetic_attr"]
-    cfg.data.targets = ["synthetic_attr"]
-    cfg.data.height, cfg.data.width = 64, 32
-    cfg.data.workers = 0
-    cfg.data.save_dir = str(save_dir)
-    cfg.sampler.train_sampler = "RandomIdentitySampler"
-    cfg.sampler.num_instances = 2
-    cfg.train.batch_size = 8
-    cfg.train.max_epoch = 1
-    cfg.train.print_freq = 1
-    cfg.train.lr = 1e-3
-    cfg.test.batch_size = 16
-    cfg.test.ranks = [1, 5]
-    cfg.attrimeter.hidden_channels = 16
-    cfg.attrimeter.eval.amp = False
-    cfg.merge_from_list([item for pair in overrides.items() for item in pair])
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def engine(data_root, target_files, tmp_path_factory):
+def engine(tiny_data_root, tiny_targets, tmp_path_factory):
     """One engine shared by the tests that only read its state or write into their own folders."""
     save_dir = tmp_path_factory.mktemp("log")
-    return build_engine(tiny_config(data_root, target_files["resnet18"], save_dir, name="resnet18"))
+    return build_engine(tiny_config(tiny_data_root, tiny_targets["resnet18"], save_dir, name="resnet18"))
 
 
 def _first_batch(engine):
@@ -118,8 +65,8 @@ def test_optimizer_holds_only_interpreter_parameters(engine):
     assert optimised == {id(parameter) for parameter in engine.model.interpreter_parameters()}
 
 
-def test_attribute_branch_adds_its_weighted_loss(data_root, target_files, tmp_path):
-    cfg = tiny_config(data_root, target_files["resnet18"], tmp_path / "log",
+def test_attribute_branch_adds_its_weighted_loss(tiny_data_root, tiny_targets, tmp_path):
+    cfg = tiny_config(tiny_data_root, tiny_targets["resnet18"], tmp_path / "log",
                       **{"attrimeter.attribute_branch": True})
     engine = build_engine(cfg)
     engine.set_model_mode("train")
@@ -172,8 +119,8 @@ def test_epoch_checkpoints_without_evaluation_roll_over_and_evaluated_ones_stay(
     assert latest_checkpoint(save_dir).endswith("model.pth.tar-4")
 
 
-def test_resume_restores_interpreter_optimizer_and_epoch(data_root, target_files, tmp_path):
-    cfg = tiny_config(data_root, target_files["osnet_x0_25"], tmp_path / "log", name="osnet_x0_25")
+def test_resume_restores_interpreter_optimizer_and_epoch(tiny_data_root, tiny_targets, tmp_path):
+    cfg = tiny_config(tiny_data_root, tiny_targets["osnet_x0_25"], tmp_path / "log", name="osnet_x0_25")
     first = build_engine(cfg)
     first.set_model_mode("train")
     first.forward_backward(_first_batch(first))
@@ -186,28 +133,28 @@ def test_resume_restores_interpreter_optimizer_and_epoch(data_root, target_files
     assert second.optimizer.state_dict()["state"].keys() == first.optimizer.state_dict()["state"].keys()
 
 
-def test_resume_with_changed_target_weights_is_an_error(engine, data_root, target_files, tmp_path):
+def test_resume_with_changed_target_weights_is_an_error(engine, tiny_data_root, tiny_targets, tmp_path):
     path = engine.save_model(0, None, str(tmp_path / "run"))
     changed = str(tmp_path / "changed.pth")
-    state = torch.load(target_files["resnet18"])
+    state = torch.load(tiny_targets["resnet18"])
     state[next(iter(state))] += 1.0
     torch.save(state, changed)
-    other = build_engine(tiny_config(data_root, changed, tmp_path / "log"))
+    other = build_engine(tiny_config(tiny_data_root, changed, tmp_path / "log"))
     with pytest.raises(ResumeError, match="sha256"):
         other.resume(path)
 
 
-def test_resume_with_another_target_model_is_an_error(engine, data_root, target_files, tmp_path):
+def test_resume_with_another_target_model_is_an_error(engine, tiny_data_root, tiny_targets, tmp_path):
     path = engine.save_model(0, None, str(tmp_path / "run"))
-    other = build_engine(tiny_config(data_root, target_files["osnet_x0_25"], tmp_path / "b",
+    other = build_engine(tiny_config(tiny_data_root, tiny_targets["osnet_x0_25"], tmp_path / "b",
                                      name="osnet_x0_25"))
     with pytest.raises(ResumeError, match="resnet18"):
         other.resume(path)
 
 
-def test_resume_from_a_plain_torchreid_file_is_an_error_explaining_the_keys(engine, target_files):
+def test_resume_from_a_plain_torchreid_file_is_an_error_explaining_the_keys(engine, tiny_targets):
     with pytest.raises(ResumeError, match="attrimeter.target_weights"):
-        engine.resume(target_files["resnet18"])
+        engine.resume(tiny_targets["resnet18"])
 
 
 def test_a_fresh_run_refuses_to_overwrite_an_earlier_runs_checkpoints(engine, tmp_path):
@@ -219,8 +166,8 @@ def test_a_fresh_run_refuses_to_overwrite_an_earlier_runs_checkpoints(engine, tm
         fresh.run(save_dir=save_dir, max_epoch=1, start_epoch=0)
 
 
-def test_warmup_rises_linearly_to_the_configured_lr_and_restores(data_root, target_files, tmp_path):
-    cfg = tiny_config(data_root, target_files["resnet18"], tmp_path / "log",
+def test_warmup_rises_linearly_to_the_configured_lr_and_restores(tiny_data_root, tiny_targets, tmp_path):
+    cfg = tiny_config(tiny_data_root, tiny_targets["resnet18"], tmp_path / "log",
                       **{"attrimeter.warmup_epochs": 4, "attrimeter.warmup_factor": 0.1,
                          "train.stepsize": [100]})
     engine = build_engine(cfg)
@@ -252,22 +199,22 @@ def test_test_runs_the_explanation_evaluation_and_returns_rank1_as_a_fraction(en
         assert key in results
 
 
-def test_a_dataset_without_attributes_is_an_error_naming_the_key(data_root, target_files, tmp_path):
-    cfg = tiny_config(data_root, target_files["resnet18"], tmp_path / "log",
+def test_a_dataset_without_attributes_is_an_error_naming_the_key(tiny_data_root, tiny_targets, tmp_path):
+    cfg = tiny_config(tiny_data_root, tiny_targets["resnet18"], tmp_path / "log",
                       **{"data.sources": ["market1501"]})
     with pytest.raises(ConfigError, match="data.sources.*market1501_attr"):
         build_engine(cfg)
 
 
-def test_target_weights_of_another_architecture_are_an_error_naming_the_keys(data_root, target_files,
+def test_target_weights_of_another_architecture_are_an_error_naming_the_keys(tiny_data_root, tiny_targets,
                                                                               tmp_path):
-    cfg = tiny_config(data_root, target_files["resnet18"], tmp_path / "log", name="osnet_x0_25")
+    cfg = tiny_config(tiny_data_root, tiny_targets["resnet18"], tmp_path / "log", name="osnet_x0_25")
     with pytest.raises(ConfigError, match="model.name"):
         build_engine(cfg)
 
 
-def test_missing_target_weights_file_is_an_error_naming_it(data_root, tmp_path):
-    cfg = tiny_config(data_root, str(tmp_path / "absent.pth"), tmp_path / "log")
+def test_missing_target_weights_file_is_an_error_naming_it(tiny_data_root, tmp_path):
+    cfg = tiny_config(tiny_data_root, str(tmp_path / "absent.pth"), tmp_path / "log")
     with pytest.raises(ConfigError, match="absent.pth"):
         build_engine(cfg)
 
@@ -326,8 +273,8 @@ def test_a_run_with_nothing_to_train_is_an_error_not_an_untrained_evaluation(eng
 
 
 def test_a_batch_of_more_identities_than_the_training_set_has_names_the_keys_and_the_fix(
-        data_root, target_files, tmp_path):
-    cfg = tiny_config(data_root, target_files["resnet18"], tmp_path / "log", **{"train.batch_size": 400})
+        tiny_data_root, tiny_targets, tmp_path):
+    cfg = tiny_config(tiny_data_root, tiny_targets["resnet18"], tmp_path / "log", **{"train.batch_size": 400})
     with pytest.raises(ConfigError) as raised:
         build_engine(cfg)
     message = str(raised.value)
@@ -336,14 +283,14 @@ def test_a_batch_of_more_identities_than_the_training_set_has_names_the_keys_and
         assert expected in message
 
 
-def test_truncated_target_weights_are_reported_as_unreadable_not_as_another_model(data_root, target_files,
+def test_truncated_target_weights_are_reported_as_unreadable_not_as_another_model(tiny_data_root, tiny_targets,
                                                                                   tmp_path):
-    with open(target_files["resnet18"], "rb") as handle:
+    with open(tiny_targets["resnet18"], "rb") as handle:
         data = handle.read()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConfigError) as raised:
-        build_engine(tiny_config(data_root, str(truncated), tmp_path / "log"))
+        build_engine(tiny_config(tiny_data_root, str(truncated), tmp_path / "log"))
     message = str(raised.value)
     assert "truncated.pth" in message and "truncated or corrupt" in message and "Download it again" in message
     assert "attrimeter.target_name" not in message

@@ -18,37 +18,25 @@ import pytest
 import torch
 
 from torchreid_attrimeter import compat
-from torchreid_attrimeter.data.synthetic import generate_synthetic_dataset
 from torchreid_attrimeter.engine import AttriMeterEngine, build_engine, list_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import train as train_tool  # tools/ is not a package
-from test_engine import tiny_config
+from tiny_run import TINY_DATASET, make_synthetic_root, save_untrained_target, tiny_config
 
 # 4 training identities x 4 images with P=4, K=2: two batches per epoch.
-SMALL_DATASET = {
-    "num_train_identities": 4, "num_test_identities": 3, "num_cameras": 2, "min_images_per_identity": 4,
-    "max_images_per_identity": 4, "num_distractor_images": 0, "num_junk_images": 0, "image_height": 64,
-    "image_width": 32,
-}
+SMALL_DATASET = {**TINY_DATASET, "num_train_identities": 4, "num_test_identities": 3}
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_synthetic_dataset(str(root), seed=11, **SMALL_DATASET)
-    return str(root)
+    return make_synthetic_root(tmp_path_factory.mktemp("data"), seed=11, **SMALL_DATASET)
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = compat.build_model("resnet18", num_classes=4, loss="softmax", pretrained=False, use_gpu=False)
-    path = str(tmp_path_factory.mktemp("target") / "resnet18.pth")
-    torch.save(model.state_dict(), path)
-    return path
+    return save_untrained_target(tmp_path_factory.mktemp("target"), "resnet18", num_classes=4)
 
 
 def _evaluation_drawing_random_numbers(self, *args, **kwargs):
