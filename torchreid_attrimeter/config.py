@@ -172,6 +172,12 @@ def _attrimeter_defaults() -> CN:
     node.weight_dd = 1.0
     node.weight_ap = 10.0
     node.weight_attr = 100.0
+    # Keep / remove probe through the maps (losses.AttributeProbeLoss), beyond the authors' losses:
+    # a per-attribute linear classifier of the target's features pooled under map m must predict
+    # attribute m (keep), and the same classifier under the map's complement must not (remove).
+    # 0 = off (the authors' recipe).
+    node.weight_probe = 0.0
+    node.weight_probe_remove = 0.0
     # Linear learning-rate warm-up in front of train.lr_scheduler (authors: 10 epochs from 0.01 lr).
     node.warmup_epochs = 0
     node.warmup_factor = 0.01
@@ -349,7 +355,7 @@ def check_attrimeter_config(cfg: CN) -> None:
         raise ConfigError(
             f"attrimeter.num_attributes is {node.num_attributes}: use 0 (= from the schema) or M > 0"
         )
-    for key in ("weight_dd", "weight_ap", "weight_attr"):
+    for key in ("weight_dd", "weight_ap", "weight_attr", "weight_probe", "weight_probe_remove"):
         if node[key] < 0:
             raise ConfigError(f"attrimeter.{key} is {node[key]}: loss weights must be >= 0")
     if node.weight_dd == 0 and node.weight_ap == 0:
