@@ -193,3 +193,16 @@ def test_checkpoints_carry_the_probe_and_resume_needs_the_same_losses(data_root,
 def test_negative_probe_weight_is_a_config_error(data_root, target_file, tmp_path):
     with pytest.raises(ConfigError, match="weight_probe"):
         build_engine(probe_config(data_root, target_file, tmp_path / "log", **{"attrimeter.weight_probe": -1.0}))
+
+
+# --- presets ---------------------------------------------------------------------------------------------
+
+
+def test_paper_preset_turns_the_probe_off_and_conflicts_are_errors(tmp_path):
+    from torchreid_attrimeter.config import load_config
+
+    assert load_config(opts=["attrimeter.preset", "paper"]).attrimeter.weight_probe == 0.0
+    with pytest.raises(ConfigError, match="preset 'paper' sets attrimeter.weight_probe"):
+        load_config(opts=["attrimeter.preset", "paper", "attrimeter.weight_probe", "2.0"])
+    with pytest.raises(ConfigError, match="attrimeter.preset is 'papr'"):
+        load_config(opts=["attrimeter.preset", "papr"])
