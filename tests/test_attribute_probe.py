@@ -12,7 +12,7 @@ from torchreid_attrimeter import compat
 from torchreid_attrimeter.config import ConfigError
 from torchreid_attrimeter.data.synthetic import generate_synthetic_dataset
 from torchreid_attrimeter.engine import ResumeError, build_engine
-from torchreid_attrimeter.losses import AttributeProbeLoss, attention_pool, complement_maps
+from torchreid_attrimeter.losses import AttributeProbeLoss, PlacePriorLoss, attention_pool, complement_maps
 
 # --- pooling ------------------------------------------------------------------------------------------
 
@@ -206,3 +206,38 @@ def test_paper_preset_turns_the_probe_off_and_conflicts_are_errors(tmp_path):
         load_config(opts=["attrimeter.preset", "paper", "attrimeter.weight_probe", "2.0"])
     with pytest.raises(ConfigError, match="attrimeter.preset is 'papr'"):
         load_config(opts=["attrimeter.preset", "papr"])
+
+
+# --- the place prior ---------------------------------------------------------------------------------
+
+
+def test_place_prior_is_the_mass_outside_the_band_and_leaves_unplaced_maps_alone():
+    prior = PlacePriorLoss([(0.0, 0.25), None])
+    maps = torch.ones(1, 2, 4, 2)  # flat: a quarter of the mass in the top quarter
+    assert prior(maps).item() == pytest.approx(0.75)
+    on_top = maps.clone()
+    on_top[:, 0, 0] = 1000.0
+    assert prior(on_top).item() < 0.01
+    maps.requires_grad_(True)
+    prior(maps).backward()
+    assert (maps.grad[0, 1] == 0).all()  # the map without a place gets no gradient
+    assert (maps.grad[0, 0, 0] < 0).all() and (maps.grad[0, 0, 1:] > 0).all()
+
+
+def test_place_prior_counts_rows_the_band_covers_in_part():
+    prior = PlacePriorLoss([(0.0, 0.375)])  # 1.5 rows of 4
+    maps = torch.zeros(1, 1, 4, 1)
+    maps[0, 0, 1, 0] = 1.0  # all the mass in the second row, half of which is in the band
+    assert prior(maps).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="top, bottom"):
+        PlacePriorLoss([(0.5, 0.2)])
+
+
+def test_engine_adds_the_weighted_place_prior(data_root, target_file, tmp_path):
+    engine = build_engine(tiny_config(data_root, target_file, tmp_path / "log", name="osnet_x0_25",
+                                      **{"attrimeter.weight_place": 3.0}))
+    engine.set_model_mode("train")
+    summary = engine.forward_backward(next(iter(engine.train_loader)))
+    expected = summary["loss_dd"] + 10.0 * summary["loss_ap"] + 3.0 * summary["loss_place"]
+    assert summary["loss"] == pytest.approx(expected, rel=1e-5)
+    assert 0.0 < summary["loss_place"] < 1.0

@@ -23,7 +23,7 @@ INTERPRETER_VARIANTS = ("trunk", "head")
 # Named training recipes: attrimeter keys and the values each preset gives them. A config that sets
 # one of these keys to another value than its preset's is an error (which one would the user mean?).
 PRESETS = {
-    "paper": {"weight_probe": 0.0, "weight_probe_remove": 0.0},
+    "paper": {"weight_probe": 0.0, "weight_probe_remove": 0.0, "weight_place": 0.0},
 }
 EVALUATION_PAIRS = ("all", "topk")
 DISTANCE_METRICS = ("euclidean", "cosine")
@@ -183,6 +183,10 @@ def _attrimeter_defaults() -> CN:
     # 0 = off (the authors' recipe).
     node.weight_probe = 0.0
     node.weight_probe_remove = 0.0
+    # Weak spatial prior (losses.PlacePriorLoss): the maps of attributes with a fixed place in a
+    # pedestrian crop (attributes.ATTRIBUTE_PLACES: hat, hair, sleeves, lower-body length, ...) keep their
+    # mass in that band of rows. 0 = off.
+    node.weight_place = 0.0
     # A named training recipe (PRESETS below) that fills the loss keys it names; '' = the keys as set.
     # 'paper' is the authors' recipe (no training signal beyond theirs).
     node.preset = ""
@@ -389,7 +393,7 @@ def check_attrimeter_config(cfg: CN) -> None:
         raise ConfigError(
             f"attrimeter.num_attributes is {node.num_attributes}: use 0 (= from the schema) or M > 0"
         )
-    for key in ("weight_dd", "weight_ap", "weight_attr", "weight_probe", "weight_probe_remove"):
+    for key in ("weight_dd", "weight_ap", "weight_attr", "weight_probe", "weight_probe_remove", "weight_place"):
         if node[key] < 0:
             raise ConfigError(f"attrimeter.{key} is {node[key]}: loss weights must be >= 0")
     if node.weight_dd == 0 and node.weight_ap == 0:

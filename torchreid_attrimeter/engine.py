@@ -17,6 +17,7 @@ import torch
 from yacs.config import CfgNode as CN
 
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.attributes import attribute_places
 from torchreid_attrimeter.config import (
     ConfigError,
     check_attrimeter_config,
@@ -40,6 +41,7 @@ from torchreid_attrimeter.losses import (
     AttributePriorLoss,
     AttributeProbeLoss,
     DistanceDistillationLoss,
+    PlacePriorLoss,
     WeightedAttributeBCE,
 )
 from torchreid_attrimeter.models import build_attrimeter
@@ -135,6 +137,7 @@ class AttriMeterEngine(compat.Engine):
         attribute_probe, weight_probe, weight_probe_remove: the keep / remove probe through the maps
             (``build_attribute_probe``; its parameters must be in ``optimizer``) and its weights;
             None / 0 = off, the authors' recipe.
+        weight_place: weight of the spatial prior of placed attributes (``PlacePriorLoss``); 0 = off.
         evaluation: keyword arguments for ``evaluate_model`` (pairs, topk, memory_budget_mb, amp).
         trust_checkpoints: open checkpoints that need full unpickling.
         use_gpu: train on CUDA when available.
@@ -154,6 +157,7 @@ class AttriMeterEngine(compat.Engine):
         attribute_probe: AttributeProbeLoss | None = None,
         weight_probe: float = 0.0,
         weight_probe_remove: float = 0.0,
+        weight_place: float = 0.0,
         evaluation: dict | None = None,
         trust_checkpoints: bool = False,
         use_gpu: bool = True,
@@ -185,6 +189,10 @@ class AttriMeterEngine(compat.Engine):
             raise ValueError("weight_probe / weight_probe_remove > 0 need attribute_probe (build_attribute_probe, "
                              "with its parameters given to the optimizer)")
         self.attribute_probe = attribute_probe.to(self.device) if attribute_probe is not None else None
+        self.weight_place = float(weight_place)
+        self.place_prior = None
+        if self.weight_place > 0:
+            self.place_prior = PlacePriorLoss(attribute_places(self.attribute_names)).to(self.device)
         self.evaluation = dict(evaluation or {})
         self.trust_checkpoints = trust_checkpoints
 
@@ -260,6 +268,10 @@ class AttriMeterEngine(compat.Engine):
             summary["loss_keep"] = keep.item()
             if self.weight_probe_remove > 0:
                 summary["loss_remove"] = remove.item()
+        if self.place_prior is not None:
+            loss_place = self.place_prior(decomposition.maps)
+            loss = loss + self.weight_place * loss_place
+            summary["loss_place"] = loss_place.item()
 
         self.optimizer.zero_grad()
         loss.backward()
@@ -604,6 +616,7 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
         attribute_probe=attribute_probe,
         weight_probe=cfg.attrimeter.weight_probe,
         weight_probe_remove=cfg.attrimeter.weight_probe_remove,
+        weight_place=cfg.attrimeter.weight_place,
         evaluation=evaluation,
         trust_checkpoints=cfg.attrimeter.trust_checkpoints,
         use_gpu=cfg.use_gpu,

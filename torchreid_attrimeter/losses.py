@@ -253,5 +253,49 @@ class AttributeProbeLoss(nn.Module):
         return keep, remove
 
 
-__all__ = ["AttributePriorLoss", "AttributeProbeLoss", "DistanceDistillationLoss", "WeightedAttributeBCE",
-           "attention_pool", "complement_maps"]
+class PlacePriorLoss(nn.Module):
+    """A weak spatial prior for attributes that have a place in an upright pedestrian crop (hat and
+    hair at the top, lower-body length at the legs; ``attributes.ATTRIBUTE_PLACES``): per such map,
+    1 - the fraction of its (spatially normalised) mass inside its band of rows, averaged over the
+    placed maps and the batch. Scale-free (the distillation keeps setting each map's scale); a row
+    that the band covers in part counts in part. Maps of attributes without a place are left alone."""
+
+    bands: torch.Tensor
+    placed: torch.Tensor
+
+    def __init__(self, places: list[tuple[float, float] | None]):
+        super().__init__()
+        for place in places:
+            if place is not None and not 0.0 <= place[0] < place[1] <= 1.0:
+                raise ValueError(f"an attribute place must be (top, bottom) with 0 <= top < bottom <= 1, got {place}")
+        self.register_buffer("placed", torch.tensor([place is not None for place in places]))
+        self.register_buffer("bands", torch.tensor([place or (0.0, 1.0) for place in places], dtype=torch.float32))
+
+    def row_weights(self, height: int) -> torch.Tensor:
+        """(M, h): the part of each feature row inside each attribute's band."""
+        edges = torch.arange(height + 1, dtype=torch.float32, device=self.bands.device) / height
+        top, bottom = self.bands[:, :1], self.bands[:, 1:]
+        overlap = (torch.minimum(edges[1:], bottom) - torch.maximum(edges[:-1], top)).clamp_min(0.0)
+        return overlap * height
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """maps (B, M, h, w) -> scalar."""
+        if maps.dim() != 4 or maps.shape[1] != len(self.placed):
+            raise ValueError(f"the place prior was built for {len(self.placed)} maps, got maps {tuple(maps.shape)}")
+        if not bool(self.placed.any()):
+            return maps.sum() * 0.0
+        rows = maps.sum(-1)  # (B, M, h)
+        rows = rows / rows.sum(-1, keepdim=True).clamp_min(_EPSILON)
+        inside = (rows * self.row_weights(maps.shape[2]).to(rows.dtype)).sum(-1)  # (B, M)
+        return (1.0 - inside)[:, self.placed].mean()
+
+
+__all__ = [
+    "AttributePriorLoss",
+    "AttributeProbeLoss",
+    "DistanceDistillationLoss",
+    "PlacePriorLoss",
+    "WeightedAttributeBCE",
+    "attention_pool",
+    "complement_maps",
+]
