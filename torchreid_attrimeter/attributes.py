@@ -30,17 +30,33 @@ from functools import cache, lru_cache
 import numpy as np
 
 __all__ = [
+    "ATTRIBUTE_PLACES",
     "AttributeFileError",
     "AttributeIrregularityWarning",
     "AttributeSchema",
     "AttributeTable",
     "Irregularity",
     "SplitLabels",
+    "attribute_places",
     "available_schemas",
     "detect_schema_name",
     "get_schema",
     "read_attribute_file",
 ]
+
+# Where an attribute is in an upright pedestrian crop, as (top, bottom) fractions of the crop's height:
+# a weak spatial prior for the interpreter's maps (attrimeter.weight_place). Only attributes whose
+# place does not vary: never the carried things (bags), nor gender or the colours.
+ATTRIBUTE_PLACES = {
+    "hat": (0.0, 0.3),
+    "hair": (0.0, 0.45),
+    "up": (0.2, 0.65),  # Market: sleeve length, the arms
+    "top": (0.2, 0.65),  # Duke: upper-body clothing length
+    "down": (0.5, 1.0),  # Market: lower-body clothing length, the legs
+    "clothes": (0.45, 1.0),  # Market: dress or pants
+    "boots": (0.75, 1.0),
+    "shoes": (0.8, 1.0),
+}
 
 BINARY_VALUES = (1, 2)
 MARKET_AGE_VALUES = (1, 2, 3, 4)
@@ -185,6 +201,11 @@ _SCHEMA_ALIASES = {
     "market1501": "market1501", "market": "market1501", "market-1501": "market1501",
     "dukemtmc": "dukemtmc", "dukemtmcreid": "dukemtmc", "duke": "dukemtmc", "dukemtmc-reid": "dukemtmc",
 }
+
+
+def attribute_places(names: Iterable[str]) -> list[tuple[float, float] | None]:
+    """The (top, bottom) place of each attribute in ``ATTRIBUTE_PLACES``, None where it has none."""
+    return [ATTRIBUTE_PLACES.get(name) for name in names]
 
 
 def available_schemas() -> tuple[str, ...]:

@@ -20,6 +20,11 @@ from yacs.config import CfgNode as CN
 from torchreid_attrimeter import compat
 
 INTERPRETER_VARIANTS = ("trunk", "head")
+# Named training recipes: attrimeter keys and the values each preset gives them. A config that sets
+# one of these keys to another value than its preset's is an error (which one would the user mean?).
+PRESETS = {
+    "paper": {"weight_probe": 0.0, "weight_probe_remove": 0.0, "weight_place": 0.0},
+}
 EVALUATION_PAIRS = ("all", "topk")
 DISTANCE_METRICS = ("euclidean", "cosine")
 
@@ -172,6 +177,19 @@ def _attrimeter_defaults() -> CN:
     node.weight_dd = 1.0
     node.weight_ap = 10.0
     node.weight_attr = 100.0
+    # Keep / remove probe through the maps (losses.AttributeProbeLoss), beyond the authors' losses:
+    # a per-attribute linear classifier of the target's features pooled under map m must predict
+    # attribute m (keep), and the same classifier under the map's complement must not (remove).
+    # 0 = off (the authors' recipe).
+    node.weight_probe = 0.0
+    node.weight_probe_remove = 0.0
+    # Weak spatial prior (losses.PlacePriorLoss): the maps of attributes with a fixed place in a
+    # pedestrian crop (attributes.ATTRIBUTE_PLACES: hat, hair, sleeves, lower-body length, ...) keep their
+    # mass in that band of rows. 0 = off.
+    node.weight_place = 0.0
+    # A named training recipe (PRESETS below) that fills the loss keys it names; '' = the keys as set.
+    # 'paper' is the authors' recipe (no training signal beyond theirs).
+    node.preset = ""
     # Linear learning-rate warm-up in front of train.lr_scheduler (authors: 10 epochs from 0.01 lr).
     node.warmup_epochs = 0
     node.warmup_factor = 0.01
@@ -298,12 +316,36 @@ def _parent_node(cfg: CN, full_key: str) -> Any:
 
 
 def load_config(config_file: str | os.PathLike | None = None, opts: Iterable[str] = ()) -> CN:
-    """Defaults, then the YAML file, then command-line ``KEY VALUE`` pairs."""
+    """Defaults, then the YAML file, then command-line ``KEY VALUE`` pairs, then attrimeter.preset."""
     cfg = get_default_config()
     if config_file:
         merge_from_file(cfg, config_file)
     merge_from_list(cfg, opts)
+    apply_preset(cfg)
     return cfg
+
+
+def apply_preset(cfg: CN) -> None:
+    """Give the keys of attrimeter.preset their preset values. A key left at its default takes the
+    preset's value; a key set to the preset's value is fine; any other value is a ConfigError."""
+    name = cfg.attrimeter.preset
+    if not name:
+        return
+    if name not in PRESETS:
+        raise ConfigError(f"attrimeter.preset is '{name}': use one of {sorted(PRESETS)} or '' (the keys as set)")
+    defaults = _attrimeter_defaults()
+    for key, value in PRESETS[name].items():
+        current = cfg.attrimeter[key]
+        if current != defaults[key] and current != value:
+            raise ConfigError(
+                f"attrimeter.preset '{name}' sets attrimeter.{key} to {value}, but the config sets it to {current}: "
+                f"drop attrimeter.{key} or the preset"
+            )
+        was_frozen = cfg.is_frozen()
+        cfg.defrost()
+        cfg.attrimeter[key] = value
+        if was_frozen:
+            cfg.freeze()
 
 
 # --- derived values ---------------------------------------------------------------------------------
@@ -330,6 +372,8 @@ def check_attrimeter_config(cfg: CN) -> None:
     Loading a torchreid config never calls this; building the AttriMeter engine does.
     """
     node = cfg.attrimeter
+    if node.preset and node.preset not in PRESETS:
+        raise ConfigError(f"attrimeter.preset is '{node.preset}': use one of {sorted(PRESETS)} or ''")
     if cfg.data.type != "image":
         raise ConfigError(
             f"data.type is '{cfg.data.type}': AttriMeter works on image datasets; set it to 'image'"
@@ -349,7 +393,7 @@ def check_attrimeter_config(cfg: CN) -> None:
         raise ConfigError(
             f"attrimeter.num_attributes is {node.num_attributes}: use 0 (= from the schema) or M > 0"
         )
-    for key in ("weight_dd", "weight_ap", "weight_attr"):
+    for key in ("weight_dd", "weight_ap", "weight_attr", "weight_probe", "weight_probe_remove", "weight_place"):
         if node[key] < 0:
             raise ConfigError(f"attrimeter.{key} is {node[key]}: loss weights must be >= 0")
     if node.weight_dd == 0 and node.weight_ap == 0:

@@ -163,7 +163,8 @@ class TargetFeatureCache:
                 "attributes_known": self.attributes_known[indices]}
 
 
-def decompose_cached(model: torch.nn.Module, cached: dict, device: torch.device | str = "cpu") -> Decomposition:
+def decompose_cached(model: torch.nn.Module, cached: dict, device: torch.device | str = "cpu",
+                     keep_feature_map: bool = False) -> Decomposition:
     """``model.decompose`` from cached target features (a batch's ``CACHE_KEY`` entry): the same
     computation, minus the frozen stem and trunk."""
     split = model.target_split
@@ -180,7 +181,8 @@ def decompose_cached(model: torch.nn.Module, cached: dict, device: torch.device 
     maps = model.head(interpreter_features)
     attribute_embeddings = split.tail_of_products(feature_map, maps, None)
     attribute_logits = model.attribute_branch(interpreter_features) if model.attribute_branch is not None else None
-    return Decomposition(embedding, attribute_embeddings, maps, attribute_logits)
+    return Decomposition(embedding, attribute_embeddings, maps, attribute_logits,
+                         feature_map if keep_feature_map else None)
 
 
 class CachedTrainLoader:
