@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import TINY_DATASET, tiny_config
+from tiny_run import tiny_config
 
 from torchreid_attrimeter import compat
 from torchreid_attrimeter.config import ConfigError
-from torchreid_attrimeter.data.synthetic import generate_synthetic_dataset
 from torchreid_attrimeter.engine import ResumeError, build_engine
 from torchreid_attrimeter.losses import AttributeProbeLoss, PlacePriorLoss, attention_pool, complement_maps
 
@@ -124,29 +123,18 @@ def test_probe_refuses_shapes_it_was_not_built_for():
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_synthetic_dataset(str(root), seed=3, **TINY_DATASET)
-    return str(root)
+def target_file(tiny_targets):
+    return tiny_targets["osnet_x0_25"]
 
 
-@pytest.fixture(scope="module")
-def target_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = compat.build_model("osnet_x0_25", num_classes=8, loss="softmax", pretrained=False, use_gpu=False)
-    path = str(tmp_path_factory.mktemp("targets") / "osnet_x0_25.pth")
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def probe_config(data_root, target_file, save_dir, **overrides):
+def probe_config(tiny_data_root, target_file, save_dir, **overrides):
     options = {"attrimeter.weight_probe": 2.0, "attrimeter.weight_probe_remove": 0.5, **overrides}
-    return tiny_config(data_root, target_file, save_dir, name="osnet_x0_25", **options)
+    return tiny_config(tiny_data_root, target_file, save_dir, name="osnet_x0_25", **options)
 
 
-def test_engine_adds_the_weighted_probe_terms_trains_the_probe_and_never_the_target(data_root, target_file,
+def test_engine_adds_the_weighted_probe_terms_trains_the_probe_and_never_the_target(tiny_data_root, target_file,
                                                                                    tmp_path):
-    engine = build_engine(probe_config(data_root, target_file, tmp_path / "log"))
+    engine = build_engine(probe_config(tiny_data_root, target_file, tmp_path / "log"))
     optimised = {id(parameter) for group in engine.optimizer.param_groups for parameter in group["params"]}
     assert optimised == ({id(parameter) for parameter in engine.model.interpreter_parameters()}
                          | {id(parameter) for parameter in engine.attribute_probe.parameters()})
@@ -163,8 +151,8 @@ def test_engine_adds_the_weighted_probe_terms_trains_the_probe_and_never_the_tar
     assert not torch.equal(engine.attribute_probe.weight.detach(), probe_before)
 
 
-def test_decompose_keeps_the_targets_feature_map_only_when_asked(data_root, target_file, tmp_path):
-    engine = build_engine(probe_config(data_root, target_file, tmp_path / "log"))
+def test_decompose_keeps_the_targets_feature_map_only_when_asked(tiny_data_root, target_file, tmp_path):
+    engine = build_engine(probe_config(tiny_data_root, target_file, tmp_path / "log"))
     images = next(iter(engine.train_loader))["img"][:2]
     model = engine.model.eval()
     assert model.decompose(images).feature_map is None
@@ -174,25 +162,25 @@ def test_decompose_keeps_the_targets_feature_map_only_when_asked(data_root, targ
     assert torch.equal(kept, reference)
 
 
-def test_checkpoints_carry_the_probe_and_resume_needs_the_same_losses(data_root, target_file, tmp_path):
-    first = build_engine(probe_config(data_root, target_file, tmp_path / "log"))
+def test_checkpoints_carry_the_probe_and_resume_needs_the_same_losses(tiny_data_root, target_file, tmp_path):
+    first = build_engine(probe_config(tiny_data_root, target_file, tmp_path / "log"))
     first.set_model_mode("train")
     first.forward_backward(next(iter(first.train_loader)))
     path = first.save_model(0, None, str(tmp_path / "run"))
     assert "attribute_probe" in compat.load_checkpoint(path)
 
-    second = build_engine(probe_config(data_root, target_file, tmp_path / "log2"))
+    second = build_engine(probe_config(tiny_data_root, target_file, tmp_path / "log2"))
     second.resume(path)
     assert torch.equal(second.attribute_probe.weight, first.attribute_probe.weight)
 
-    without = build_engine(tiny_config(data_root, target_file, tmp_path / "log3", name="osnet_x0_25"))
+    without = build_engine(tiny_config(tiny_data_root, target_file, tmp_path / "log3", name="osnet_x0_25"))
     with pytest.raises(ResumeError, match="weight_probe"):
         without.resume(path)
 
 
-def test_negative_probe_weight_is_a_config_error(data_root, target_file, tmp_path):
+def test_negative_probe_weight_is_a_config_error(tiny_data_root, target_file, tmp_path):
     with pytest.raises(ConfigError, match="weight_probe"):
-        build_engine(probe_config(data_root, target_file, tmp_path / "log", **{"attrimeter.weight_probe": -1.0}))
+        build_engine(probe_config(tiny_data_root, target_file, tmp_path / "log", **{"attrimeter.weight_probe": -1.0}))
 
 
 # --- presets ---------------------------------------------------------------------------------------------
@@ -233,8 +221,8 @@ def test_place_prior_counts_rows_the_band_covers_in_part():
         PlacePriorLoss([(0.5, 0.2)])
 
 
-def test_engine_adds_the_weighted_place_prior(data_root, target_file, tmp_path):
-    engine = build_engine(tiny_config(data_root, target_file, tmp_path / "log", name="osnet_x0_25",
+def test_engine_adds_the_weighted_place_prior(tiny_data_root, target_file, tmp_path):
+    engine = build_engine(tiny_config(tiny_data_root, target_file, tmp_path / "log", name="osnet_x0_25",
                                       **{"attrimeter.weight_place": 3.0}))
     engine.set_model_mode("train")
     summary = engine.forward_backward(next(iter(engine.train_loader)))
