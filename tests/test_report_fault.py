@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import builtins
 import errno
-import importlib.util
 import os
 import shutil
 
@@ -17,20 +16,10 @@ from explain_fixtures import tiny_setup
 from torchreid_attrimeter import report
 from torchreid_attrimeter.report import prepare_output_dir
 
-TOOL = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "visualize_decomposition.py")
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return tiny_setup(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("visualize_decomposition", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture()
@@ -76,7 +65,7 @@ def _siblings(tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize("problem", ["missing checkpoint", "not a checkpoint", "corrupt gallery image"])
-def test_a_failed_overwrite_keeps_the_previous_report(tool, setup, tmp_path, old_report,
+def test_a_failed_overwrite_keeps_the_previous_report(report_tool, setup, tmp_path, old_report,
                                                                           capsys, problem):
     before = _snapshot(old_report)
     checkpoint = root = None
@@ -87,7 +76,7 @@ def test_a_failed_overwrite_keeps_the_previous_report(tool, setup, tmp_path, old
         (tmp_path / "junk.pth").write_bytes(b"\x80\x02 this is not a checkpoint")
     else:
         root = _copy_of_dataset(setup, tmp_path, "bounding_box_test", count=1)
-    code = tool.main(_arguments(setup, old_report, "--overwrite", checkpoint=checkpoint, root=root))
+    code = report_tool.main(_arguments(setup, old_report, "--overwrite", checkpoint=checkpoint, root=root))
     assert code == 2
     line = _one_error_line(capsys)
     if problem == "corrupt gallery image":  # CorruptImageError, named file (was a traceback, exit 1)
@@ -99,23 +88,23 @@ def test_a_failed_overwrite_keeps_the_previous_report(tool, setup, tmp_path, old
     assert _siblings(tmp_path) == ["report"]  # no staging folder left behind
 
 
-def test_a_report_folder_holding_the_users_files_is_not_replaced(tool, setup, tmp_path, old_report, capsys):
+def test_a_report_folder_holding_the_users_files_is_not_replaced(report_tool, setup, tmp_path, old_report, capsys):
     (old_report / "my notes.txt").write_text("written by hand, not by the tool")
     before = _snapshot(old_report)
-    assert tool.main(_arguments(setup, old_report, "--overwrite")) == 2
+    assert report_tool.main(_arguments(setup, old_report, "--overwrite")) == 2
     line = _one_error_line(capsys)
     assert "my notes.txt" in line and "--new-folder" in line
     assert _snapshot(old_report) == before
-    assert tool.main(_arguments(setup, old_report, "--new-folder")) == 0
+    assert report_tool.main(_arguments(setup, old_report, "--new-folder")) == 0
     assert _snapshot(old_report) == before and (tmp_path / "report-1" / "index.html").is_file()
 
 
 @pytest.mark.parametrize("extra", [[], ["--new-folder"], ["--overwrite"]])
-def test_no_explainable_query_is_an_error_and_writes_nothing(tool, setup, tmp_path, old_report, capsys, extra):
+def test_no_explainable_query_is_an_error_and_writes_nothing(report_tool, setup, tmp_path, old_report, capsys, extra):
     root = _copy_of_dataset(setup, tmp_path, "query")
     output = old_report if extra else tmp_path / "fresh"
     before = _snapshot(old_report)
-    assert tool.main(_arguments(setup, output, *extra, root=root, queries=("0", "1"))) == 2
+    assert report_tool.main(_arguments(setup, output, *extra, root=root, queries=("0", "1"))) == 2
     line = _one_error_line(capsys)
     corrupt = os.listdir(os.path.join(root, "synthetic_attr", "query"))
     assert "all 2 queries failed" in line and "cannot decode image" in line
@@ -150,11 +139,11 @@ def _failing_open(which: str):
 
 @pytest.mark.parametrize("which", [".png", ".json", "index.html"])
 @pytest.mark.parametrize("extra", [["--overwrite"], ["--new-folder"]])
-def test_a_full_disk_names_the_file_and_keeps_the_previous_report(tool, setup, tmp_path, old_report, capsys,
+def test_a_full_disk_names_the_file_and_keeps_the_previous_report(report_tool, setup, tmp_path, old_report, capsys,
                                                                   monkeypatch, which, extra):
     before = _snapshot(old_report)
     monkeypatch.setattr(report, "open", _failing_open(which), raising=False)
-    assert tool.main(_arguments(setup, old_report, *extra)) == 2
+    assert report_tool.main(_arguments(setup, old_report, *extra)) == 2
     line = _one_error_line(capsys)
     written_to = str(old_report) + ("-1" if extra == ["--new-folder"] else "")
     assert f"'{written_to}{os.sep}" in line and which in line and "No space left on device" in line
@@ -162,7 +151,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_report(tool, setup, t
     assert _siblings(tmp_path) == ["report"]
 
 
-def test_a_failed_rename_puts_the_previous_report_back(tool, setup, tmp_path, old_report, capsys, monkeypatch):
+def test_a_failed_rename_puts_the_previous_report_back(report_tool, setup, tmp_path, old_report, capsys, monkeypatch):
     before = _snapshot(old_report)
     renames = []
 
@@ -173,15 +162,15 @@ def test_a_failed_rename_puts_the_previous_report_back(tool, setup, tmp_path, ol
         os.replace(source, destination)
 
     monkeypatch.setattr(report.os, "rename", rename)
-    assert tool.main(_arguments(setup, old_report, "--overwrite")) == 2
+    assert report_tool.main(_arguments(setup, old_report, "--overwrite")) == 2
     assert str(old_report) in _one_error_line(capsys)
     assert len(renames) == 3  # old aside, new in (fails), old back
     assert _snapshot(old_report) == before
     assert _siblings(tmp_path) == ["report"]
 
 
-def test_a_successful_overwrite_replaces_the_report_and_leaves_nothing_else(tool, setup, tmp_path, old_report):
-    assert tool.main(_arguments(setup, old_report, "--overwrite")) == 0
+def test_a_successful_overwrite_replaces_the_report_and_leaves_nothing_else(report_tool, setup, tmp_path, old_report):
+    assert report_tool.main(_arguments(setup, old_report, "--overwrite")) == 0
     names = set(os.listdir(old_report))
     assert {"index.html", "query-001.json", "query-001_ranking.png", "query-001_rank-01.png"} == names
     assert "the previous report" not in (old_report / "index.html").read_text()
@@ -202,7 +191,7 @@ def test_checking_the_output_folder_creates_and_removes_nothing(tmp_path, old_re
 
 @pytest.mark.parametrize("problem", ["checkpoint is a folder", "dataset root missing", "config file missing",
                                      "unknown query"])
-def test_bad_input_is_one_error_line_exit_2_and_no_output_folder(tool, setup, tmp_path, capsys, problem):
+def test_bad_input_is_one_error_line_exit_2_and_no_output_folder(report_tool, setup, tmp_path, capsys, problem):
     output = tmp_path / "report"
     if problem == "checkpoint is a folder":
         arguments = _arguments(setup, output, checkpoint=str(tmp_path))
@@ -212,7 +201,7 @@ def test_bad_input_is_one_error_line_exit_2_and_no_output_folder(tool, setup, tm
         arguments = ["--config-file", str(tmp_path / "none.yaml"), "--output", str(output)]
     else:
         arguments = _arguments(setup, output, queries=("no_such_image.jpg",))
-    assert tool.main(arguments) == 2
+    assert report_tool.main(arguments) == 2
     line = _one_error_line(capsys)
     assert any(word in line for word in (str(tmp_path), "no_such_image.jpg")), line
     assert not output.exists()

@@ -4,7 +4,6 @@ instead of drawn as blank figures."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -38,7 +37,6 @@ from torchreid_attrimeter.visualize import (
 )
 
 SCHEMA = get_schema("market1501")
-TOOL = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "visualize_decomposition.py")
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +53,6 @@ def explainer(setup):
 def split(setup):
     loaders = setup.engine.datamanager.test_loader["synthetic_attr"]
     return loaders["query"].dataset.data, loaders["gallery"].dataset.data
-
-
-@pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("visualize_decomposition", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -214,10 +204,10 @@ def test_a_figure_that_cannot_be_written_leaves_the_previous_file_and_names_the_
     assert path.read_bytes() == before and os.listdir(path.parent) == ["pair.png"]
 
 
-def test_tool_writes_pngs_jsons_and_one_self_contained_html(tool, setup, split, tmp_path, capsys):
+def test_tool_writes_pngs_jsons_and_one_self_contained_html(report_tool, setup, split, tmp_path, capsys):
     output = tmp_path / "report"
     query = split[0]
-    code = tool.main(["--checkpoint", setup.checkpoint, "--dataset", "synthetic_attr", "--root", setup.root,
+    code = report_tool.main(["--checkpoint", setup.checkpoint, "--dataset", "synthetic_attr", "--root", setup.root,
                       "--queries", "0", os.path.basename(query[3][0]), "--topk", "3",
                       "--average-maps-images", "8", "--output", str(output)])
     assert code == 0, capsys.readouterr().err
@@ -245,7 +235,7 @@ def test_tool_writes_pngs_jsons_and_one_self_contained_html(tool, setup, split, 
     assert page.count("data:image/png;base64,") >= 2 * (1 + 3 + 3) + 2
 
 
-def test_tool_from_a_config_takes_the_latest_checkpoint_and_random_queries(tool, setup, tmp_path, capsys):
+def test_tool_from_a_config_takes_the_latest_checkpoint_and_random_queries(report_tool, setup, tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(
         f"model:\n  name: osnet_x0_25\n  load_weights: {setup.target_weights}\n"
@@ -255,26 +245,26 @@ def test_tool_from_a_config_takes_the_latest_checkpoint_and_random_queries(tool,
     output = tmp_path / "random"
     arguments = ["--config-file", str(config), "--num-queries", "2", "--seed", "7", "--topk", "2",
                  "--average-maps-images", "0", "--output", str(output)]
-    assert tool.main(arguments) == 0, capsys.readouterr().err
+    assert report_tool.main(arguments) == 0, capsys.readouterr().err
     first = [json.loads((output / f"query-00{n}.json").read_text())["query"] for n in (1, 2)]
     assert not os.path.exists(output / "average_maps.png")
-    assert tool.main(arguments[:-1] + [str(tmp_path / "again")]) == 0
+    assert report_tool.main(arguments[:-1] + [str(tmp_path / "again")]) == 0
     again = [json.loads((tmp_path / "again" / f"query-00{n}.json").read_text())["query"] for n in (1, 2)]
     assert first == again  # the seed fixes the random queries
 
 
-def test_an_existing_report_is_never_overwritten_silently(tool, setup, tmp_path, capsys):
+def test_an_existing_report_is_never_overwritten_silently(report_tool, setup, tmp_path, capsys):
     output = tmp_path / "report"
     arguments = ["--checkpoint", setup.checkpoint, "--dataset", "synthetic_attr", "--root", setup.root,
                  "--queries", "1", "--topk", "1", "--average-maps-images", "0", "--output", str(output)]
-    assert tool.main(arguments) == 0
+    assert report_tool.main(arguments) == 0
     before = (output / "index.html").read_bytes()
-    assert tool.main(arguments) == 2
+    assert report_tool.main(arguments) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (output / "index.html").read_bytes() == before
-    assert tool.main(arguments + ["--new-folder"]) == 0
+    assert report_tool.main(arguments + ["--new-folder"]) == 0
     assert (tmp_path / "report-1" / "index.html").is_file()
-    assert tool.main(arguments + ["--overwrite"]) == 0
+    assert report_tool.main(arguments + ["--overwrite"]) == 0
 
 
 def test_a_folder_holding_other_files_is_never_emptied(tmp_path):
@@ -321,14 +311,14 @@ def test_an_unreadable_gallery_image_stops_the_report_naming_it(explainer, split
         write_report(explainer, records[:1], records, prepare_output_dir(tmp_path / "report"), topk=2)
 
 
-def test_tool_reports_a_checkpoint_whose_target_weights_are_gone(tool, setup, tmp_path, capsys):
+def test_tool_reports_a_checkpoint_whose_target_weights_are_gone(report_tool, setup, tmp_path, capsys):
     from torchreid_attrimeter import compat
 
     checkpoint = compat.load_checkpoint(setup.checkpoint)
     checkpoint["attrimeter"]["target"]["weights"] = str(tmp_path / "deleted.pth")
     orphan = tmp_path / "orphan.pth.tar"
     torch.save(checkpoint, orphan)
-    code = tool.main(["--checkpoint", str(orphan), "--dataset", "synthetic_attr", "--root", setup.root,
+    code = report_tool.main(["--checkpoint", str(orphan), "--dataset", "synthetic_attr", "--root", setup.root,
                       "--output", str(tmp_path / "report")])
     assert code == 2
     error = capsys.readouterr().err
