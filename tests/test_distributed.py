@@ -176,10 +176,11 @@ def test_two_processes_train_like_one_and_resume_in_one(data_root, tmp_path):
 @pytest.mark.slow
 def test_a_world_size_that_does_not_split_the_batch_stops_every_rank(data_root, tmp_path):
     config, save_dir = write_config(str(tmp_path), data_root)
-    # P=3 identities per batch cannot be split over 2 processes: every rank says so and exits.
+    # P=3 identities per batch cannot be split over 2 processes: each rank checks it before training
+    # and exits. torchrun stops the other rank as soon as one fails, so the message may come once.
     result = torchrun(str(tmp_path), ["--config-file", config, "train.batch_size", "6"])
     assert result.returncode != 0
-    assert result.stderr.count("cannot be split over 2 processes") == 2, result.stderr[-3000:]
+    assert result.stderr.count("cannot be split over 2 processes") >= 1, result.stderr[-3000:]
     assert not os.path.isdir(os.path.join(save_dir, "model"))
 
 
