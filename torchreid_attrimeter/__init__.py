@@ -2,6 +2,7 @@
 datasets with torchreid."""
 
 from torchreid_attrimeter.compat import TORCHREID_FLAVOUR, load_checkpoint, load_state_dict_file
+from torchreid_attrimeter.errors import AttriMeterError
 from torchreid_attrimeter.decomposition import (
     Decomposition,
     PairwiseDistances,

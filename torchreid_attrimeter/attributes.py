@@ -29,6 +29,8 @@ from functools import cache, lru_cache
 
 import numpy as np
 
+from torchreid_attrimeter.errors import AttriMeterError
+
 __all__ = [
     "ATTRIBUTE_PLACES",
     "AttributeFileError",
@@ -62,7 +64,7 @@ BINARY_VALUES = (1, 2)
 MARKET_AGE_VALUES = (1, 2, 3, 4)
 
 
-class AttributeFileError(ValueError):
+class AttributeFileError(AttriMeterError, ValueError):
     """An attribute file that cannot be read, or does not match the schema it was read with."""
 
 

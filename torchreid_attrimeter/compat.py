@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
+from torchreid_attrimeter.errors import AttriMeterError
+
 INSTALL_HINT = "pip install torchreid==0.2.5 scipy opencv-python-headless gdown tensorboard h5py"
 
 
-class TorchreidMissingError(ImportError):
+class TorchreidMissingError(AttriMeterError, ImportError):
     """torchreid, or one of the modules it needs, cannot be imported."""
 
 
@@ -124,7 +126,7 @@ def _numpy_safe_globals() -> list:
     return found
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AttriMeterError, RuntimeError):
     """A checkpoint file that cannot be opened or holds no usable weights."""
 
 

@@ -18,6 +18,7 @@ import torch
 from yacs.config import CfgNode as CN
 
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.errors import AttriMeterError
 
 INTERPRETER_VARIANTS = ("trunk", "head")
 # Named training recipes: attrimeter keys and the values each preset gives them. A config that sets
@@ -29,7 +30,7 @@ EVALUATION_PAIRS = ("all", "topk")
 DISTANCE_METRICS = ("euclidean", "cosine")
 
 
-class ConfigError(ValueError):
+class ConfigError(AttriMeterError, ValueError):
     """A configuration key or value that cannot be used; the message names the key and the fix."""
 
 

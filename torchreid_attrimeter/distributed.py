@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from yacs.config import CfgNode as CN
 
 from torchreid_attrimeter.config import ConfigError
+from torchreid_attrimeter.errors import AttriMeterError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # torchreid samplers and how they run in several processes; the others pick batches by camera or
@@ -40,7 +41,7 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DISTRIBUTED_SAMPLERS = ("RandomIdentitySampler", "RandomSampler", "SequentialSampler")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(AttriMeterError, RuntimeError):
     """Another process of a distributed run failed; this one stops too."""
 
 

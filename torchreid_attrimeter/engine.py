@@ -40,6 +40,7 @@ from torchreid_attrimeter.data import (
     set_attribute_file,
 )
 from torchreid_attrimeter.decomposition import Decomposition, pairwise_components
+from torchreid_attrimeter.errors import AttriMeterError
 from torchreid_attrimeter.evaluation import evaluate_model, format_table
 from torchreid_attrimeter.feature_cache import CACHE_KEY, build_cached_train_loader, decompose_cached
 from torchreid_attrimeter.losses import (
@@ -55,7 +56,7 @@ CHECKPOINT_FORMAT = "torchreid-attrimeter/1"
 CHECKPOINT_PATTERN = re.compile(r"^model\.pth\.tar-(\d+)$")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(AttriMeterError, RuntimeError):
     """A checkpoint that does not belong to the configured target, attributes or interpreter."""
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from torchreid_attrimeter import compat
 from torchreid_attrimeter.decomposition import Decomposition, check_metric, pairwise_components
+from torchreid_attrimeter.errors import AttriMeterError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
-class ExplainError(ValueError):
+class ExplainError(AttriMeterError, ValueError):
     """An input the explainer cannot use (image, checkpoint or identities), named in the message."""
 
 

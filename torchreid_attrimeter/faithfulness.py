@@ -44,6 +44,7 @@ from torchreid_attrimeter.data.synthetic import (
     render_person,
 )
 from torchreid_attrimeter.decomposition import Decomposition, pairwise_components, pairwise_distance
+from torchreid_attrimeter.errors import AttriMeterError
 from torchreid_attrimeter.models.head import positive_map
 
 __all__ = [
@@ -67,7 +68,7 @@ __all__ = [
 TEST_FOLDERS = ("query", "bounding_box_test")
 
 
-class FaithfulnessError(ValueError):
+class FaithfulnessError(AttriMeterError, ValueError):
     """An input the faithfulness benchmark cannot use, named in the message."""
 
 

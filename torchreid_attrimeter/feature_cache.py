@@ -26,13 +26,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from torchreid_attrimeter.data.datasets import read_image_checked
 from torchreid_attrimeter.decomposition import Decomposition
+from torchreid_attrimeter.errors import AttriMeterError
 
 # Augmentations whose outputs are finitely many fixed images: only the horizontal flip (two views).
 CACHEABLE_TRANSFORMS = ("random_flip",)
 CACHE_KEY = "cached_target"
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(AttriMeterError, ValueError):
     """A configuration or target the feature cache cannot serve."""
 
 

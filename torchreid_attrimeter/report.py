@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from torchreid_attrimeter.errors import AttriMeterError
 from torchreid_attrimeter.explain import AttributeShare, Explanation, RankingExplanation
 from torchreid_attrimeter.visualize import GROUP_COLOURS, LABELLED_MARK, MATCH_COLOURS, PREDICTED_MARK
 
@@ -28,11 +29,11 @@ REPORT_FILE = re.compile(r"index\.html|query-\d{3,}(\.json|_ranking\.png|_rank-\
 BARS_SHOWN = 5  # attributes whose bars are always visible on a ranked item; the rest fold out
 
 
-class ReportFolderError(FileExistsError):
+class ReportFolderError(AttriMeterError, FileExistsError):
     """The output folder holds something the report would overwrite."""
 
 
-class ReportWriteError(OSError):
+class ReportWriteError(AttriMeterError, OSError):
     """A report file could not be written (disk full, no permission, ...); the message names the file."""
 
 

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from torchreid_attrimeter.errors import AttriMeterError
 from torchreid_attrimeter.explain import AttributeShare, AverageMaps, Explanation, RankingExplanation
 
 MATCH_COLOURS = {True: "#1a9850", False: "#d73027", None: "#9e9e9e"}
@@ -25,7 +26,7 @@ GROUP_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948
 MAP_COLORMAP = "jet"
 
 
-class EmptyFigureError(ValueError):
+class EmptyFigureError(AttriMeterError, ValueError):
     """Nothing meaningful to draw (non-finite numbers or no items): refused instead of a blank figure."""
 
 

@@ -26,6 +26,7 @@ from torchreid_attrimeter.attributes import (
     get_schema,
     read_attribute_file,
 )
+from torchreid_attrimeter.errors import AttriMeterError
 
 __all__ = [
     "AttributeImageDataset",
@@ -45,7 +46,7 @@ _FILE_NAME_PATTERN = re.compile(r"([-\d]+)_c(\d)")
 _EXPLICIT_ATTRIBUTE_FILES: dict[str, str] = {}
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(AttriMeterError, RuntimeError):
     """An image file of the dataset that cannot be decoded."""
 
 

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from torchreid_attrimeter.errors import AttriMeterError
+
 __all__ = [
     "BINARY_ATTRIBUTES",
     "LOWER_COLOURS",
@@ -74,7 +76,7 @@ _GREY_HAIR = (190, 190, 190)
 _MAT_SPLIT_ORDER = ("test", "train")
 
 
-class SyntheticDatasetError(RuntimeError):
+class SyntheticDatasetError(AttriMeterError, RuntimeError):
     """The synthetic dataset folder exists but does not match what was asked for."""
 
 

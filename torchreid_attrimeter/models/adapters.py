@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from torchreid_attrimeter.errors import AttriMeterError
+
 # tail(trunk(stem(x))) must reproduce target.eval()(x) within this tolerance, relative to the
 # largest embedding entry. The split runs the very same modules in the same order, so the
 # difference is zero or rounding (einsum vs pooling kernels), far below this.
@@ -31,7 +33,7 @@ EQUIVALENCE_RTOL = 1e-4
 EQUIVALENCE_ATOL = 1e-5
 
 
-class TargetSplitError(ValueError):
+class TargetSplitError(AttriMeterError, ValueError):
     """A torchreid model cannot be split into stem / trunk / tail, or the split does not reproduce
     the model's own embedding."""
 
