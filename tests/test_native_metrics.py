@@ -174,3 +174,33 @@ def test_match_bins_count_closer_and_tied_matches():
     assert native_metrics.match_bins(matches.double(), values.double()) is None  # float64: the torch path
     many = torch.zeros(1, native_metrics.MAX_COUNTED_MATCHES + 1)
     assert native_metrics.match_bins(many, values[:1]) is None  # so many matches: searchsorted is faster
+
+
+def test_the_kernel_layout_matches_the_ctypes_mirror():
+    native_metrics.check_layout(native_metrics.load_kernel())  # raises on any difference
+
+
+def test_a_mirror_that_drifted_from_the_c_struct_is_refused_at_load(monkeypatch):
+    library = native_metrics.load_kernel()
+    fields = list(native_metrics._Tile._fields_)
+    fields[1], fields[2] = fields[2], fields[1]  # rows and columns swapped: same size, other offsets
+
+    class Drifted(native_metrics._Tile.__base__):
+        _fields_ = fields
+
+    monkeypatch.setattr(native_metrics, "_Tile", Drifted)
+    with pytest.raises(native_metrics.KernelLayoutError, match="field 1: C rows@8, Python columns@8"):
+        native_metrics.check_layout(library)
+
+    class Longer(native_metrics._Tile.__base__):
+        _fields_ = (*fields, ("extra", native_metrics.ctypes.c_int64))
+
+    monkeypatch.setattr(native_metrics, "_Tile", Longer)
+    with pytest.raises(native_metrics.KernelLayoutError, match=r"C has 32 fields, Python 33.*sizeof\(Tile\)"):
+        native_metrics.check_layout(library)
+
+
+def test_an_enum_that_drifted_is_refused_at_load(monkeypatch):
+    monkeypatch.setattr(native_metrics, "COUNT_NAMES", native_metrics.COUNT_NAMES[:-1])
+    with pytest.raises(native_metrics.KernelLayoutError, match="NUM_COUNTS: C 5, Python 4"):
+        native_metrics.check_layout(native_metrics.load_kernel())

@@ -127,12 +127,45 @@ def load_kernel() -> ctypes.CDLL | None:
     except OSError as error:
         logger.warning("the evaluator's C kernel is unavailable (%s): using the torch path", error)
         return None
+    check_layout(library)
     library.attrimeter_tile_metrics.argtypes = [ctypes.POINTER(_Tile)]
     library.attrimeter_tile_metrics.restype = ctypes.c_int
     library.attrimeter_match_bins.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [
         ctypes.c_void_p, ctypes.c_int64]
     library.attrimeter_match_bins.restype = ctypes.c_int
     return library
+
+
+class KernelLayoutError(RuntimeError):
+    """The compiled kernel's Tile struct or enums differ from the ctypes mirror (a source edit made on
+    one side only)."""
+
+
+def check_layout(library: ctypes.CDLL) -> None:
+    """Compare the kernel's data layout (field names and offsets of ``Tile``, its size, the enum sizes)
+    with the Python mirror before the first call: a mismatch would otherwise make the kernel read and
+    write the wrong memory without any error."""
+    library.attrimeter_tile_layout.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+    library.attrimeter_tile_layout.restype = ctypes.c_int64
+    capacity = len(_Tile._fields_) + 8
+    sizes, offsets = (ctypes.c_int64 * 4)(), (ctypes.c_int64 * capacity)()
+    names = (ctypes.c_char_p * capacity)()
+    count = library.attrimeter_tile_layout(sizes, names, offsets, capacity)
+    kernel = [(names[i].decode(), offsets[i]) for i in range(min(count, capacity))]
+    mirror = [(name, getattr(_Tile, name).offset) for name, _ in _Tile._fields_]
+    problems = [f"field {index}: C {c_name}@{c_offset}, Python {name}@{offset}"
+                for index, ((c_name, c_offset), (name, offset)) in enumerate(zip(kernel, mirror))
+                if (c_name, c_offset) != (name, offset)]
+    if len(kernel) != len(mirror):
+        problems.append(f"C has {len(kernel)} fields, Python {len(mirror)}")
+    expected_sizes = (("sizeof(Tile)", ctypes.sizeof(_Tile)), ("NUM_SUMS", len(SUM_NAMES)),
+                      ("NUM_TALLIES", len(TALLY_NAMES)), ("NUM_COUNTS", len(COUNT_NAMES)))
+    problems += [f"{name}: C {value}, Python {wanted}"
+                 for (name, wanted), value in zip(expected_sizes, sizes) if value != wanted]
+    if problems:
+        raise KernelLayoutError(
+            f"{SOURCE.name} and native_metrics._Tile / the enum name tuples disagree ({'; '.join(problems)}): "
+            f"edit both together (TILE_FIELDS in the C file lists the fields in order)")
 
 
 def usable(device: torch.device, num_attributes: int) -> bool:

@@ -17,6 +17,7 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -318,6 +319,39 @@ static void *run_rows(void *argument) {
         }
     }
     return NULL;
+}
+
+/* The layout Python's ctypes mirror must match (native_metrics._Tile and the enum orders), checked
+ * when the library is loaded: each field's name and offset in declaration order, sizeof(Tile) and the
+ * enum sizes. A field added, renamed or moved on one side only makes the check fail loudly instead of
+ * the kernel reading the wrong memory. */
+typedef struct { const char *name; int64_t offset; } FieldOffset;
+#define FIELD(name) {#name, (int64_t)offsetof(Tile, name)}
+static const FieldOffset TILE_FIELDS[] = {
+    FIELD(num_attributes), FIELD(rows), FIELD(columns),
+    FIELD(products), FIELD(query_norms), FIELD(gallery_norms), FIELD(squared_floor),
+    FIELD(target), FIELD(target_stride), FIELD(reconstructed), FIELD(reconstructed_stride),
+    FIELD(pair_mask), FIELD(query_labels), FIELD(query_known), FIELD(gallery_labels), FIELD(gallery_known),
+    FIELD(top_k), FIELD(comparators), FIELD(num_comparators), FIELD(adre_min_distance),
+    FIELD(log_min), FIELD(log_max), FIELD(bins), FIELD(num_threads),
+    FIELD(sums), FIELD(tallies), FIELD(histogram), FIELD(counts),
+    FIELD(share_shift), FIELD(share_low), FIELD(share_bins), FIELD(share_histogram),
+};
+#undef FIELD
+
+/* sizes = {sizeof(Tile), NUM_SUMS, NUM_TALLIES, NUM_COUNTS}; names / offsets receive up to `capacity`
+ * fields. Returns the number of fields. */
+int64_t attrimeter_tile_layout(int64_t *sizes, const char **names, int64_t *offsets, int64_t capacity) {
+    const int64_t count = (int64_t)(sizeof TILE_FIELDS / sizeof TILE_FIELDS[0]);
+    sizes[0] = (int64_t)sizeof(Tile);
+    sizes[1] = NUM_SUMS;
+    sizes[2] = NUM_TALLIES;
+    sizes[3] = NUM_COUNTS;
+    for (int64_t i = 0; i < count && i < capacity; i++) {
+        names[i] = TILE_FIELDS[i].name;
+        offsets[i] = TILE_FIELDS[i].offset;
+    }
+    return count;
 }
 
 /* Returns 0, or -1 when M is out of range. */
