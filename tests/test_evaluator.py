@@ -1,5 +1,5 @@
-"""The explanation-aware evaluator against a slow, one-pair-at-a-time reference (docs/method.md §6):
-retrieval of target and interpreter, ADRE, X-mAP_e, X-mAP_c (N = 0 rule), top-k precision, agreement,
+"""The explanation-aware evaluator, both fast paths (C kernel and torch), against the readable one-pair-at-a-time
+definitions of evaluation/definitions.py (docs/method.md §6): retrieval of target and interpreter, ADRE, X-mAP_e, X-mAP_c (N = 0 rule), top-k precision, agreement,
 unknown labels, pair modes, tiling, and the extraction loop."""
 
 import json
@@ -17,6 +17,8 @@ from torchreid_attrimeter.evaluation import (
     native_metrics,
     pair_explanation_stats,
 )
+from torchreid_attrimeter.evaluation.definitions import Split, evaluate_pairs, pair_metrics
+from torchreid_attrimeter.evaluation.definitions import share_auc as reference_auc
 from torchreid_attrimeter.evaluation.explanation_metrics import (
     SHARE_BINS,
     descending_sorting_network,
@@ -30,119 +32,14 @@ M, D = 5, 4
 NAMES = tuple(f"attribute_{index}" for index in range(M))
 
 
-# -- the slow reference ------------------------------------------------------------------------------
+# -- the readable definitions, applied to the fixtures' dicts --------------------------------------------
 
-def truncated(value):
-    """The component as the evaluator ranks it: float32 with its lowest mantissa bit cleared."""
-    return np.array([value], dtype=np.float32).view(np.int32)[0] & ~1
-
-
-def average_precision(relevant):
-    hits, total = 0, 0.0
-    for position, is_relevant in enumerate(relevant, start=1):
-        if is_relevant:
-            hits += 1
-            total += hits / position
-    return total / hits
-
-
-def reference_pair(components, differ, known, top_k):
-    """X-mAP_e, X-mAP_c (None when undefined), top-k set, large-share set of one pair."""
-    attributes = [m for m in range(len(components)) if known[m]]
-    if not attributes:
-        return None, None, set(), set()
-    total = sum(float(components[m]) for m in attributes)
-    # Decreasing share; among equal shares the differing attribute first (the documented tie rule).
-    order = sorted(attributes, key=lambda m: (truncated(components[m]), bool(differ[m])), reverse=True)
-    num_differ = sum(bool(differ[m]) for m in attributes)
-    exclusive = average_precision([bool(differ[m]) for m in order]) if num_differ else None
-    if num_differ == 0:
-        small = [float(components[m]) * len(attributes) <= 2 * total for m in order]
-        common = average_precision(small)
-    elif num_differ < len(attributes):
-        common = average_precision([not differ[m] for m in reversed(order)])
-    else:
-        common = None
-    large = {m for m in attributes if float(components[m]) * len(attributes) > total}
-    return exclusive, common, set(order[:top_k]), large
-
-
-def reference_auc(positives, negatives):
-    """P(positive > negative) + half the ties, over every (positive, negative) couple; None if either is empty."""
-    if not positives or not negatives:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
+def as_split(data):
+    return Split(data["decomposition"], data["pids"], data["camids"], data["attributes"], data["known"])
 
 
 def reference_results(query, gallery, metric, top_k=3, pairs=None):
-    """Every metric, pair by pair with numpy, for pair lists given as (q, g) (default: all)."""
-    def distance(a, b):
-        if metric == "cosine":
-            return 1 - float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-        return float(np.linalg.norm(a - b))
-
-    q_emb, g_emb = query["decomposition"].embedding.numpy(), gallery["decomposition"].embedding.numpy()
-    q_att, g_att = (data["decomposition"].attribute_embeddings.numpy() for data in (query, gallery))
-    num_query, num_gallery = len(q_emb), len(g_emb)
-    target = np.array([[distance(q_emb[q], g_emb[g]) for g in range(num_gallery)] for q in range(num_query)])
-    components = np.array([[[distance(q_att[q, m], g_att[g, m]) for m in range(M)] for g in range(num_gallery)]
-                           for q in range(num_query)])
-    results = {}
-    for name, distances in (("target", target), ("interpreter", components.mean(-1))):
-        results.update(reference_retrieval(name, distances, query, gallery))
-    pair_list = pairs if pairs is not None else [(q, g) for q in range(num_query) for g in range(num_gallery)]
-    errors, exclusive, common = [], [], []
-    top, top_differ, differ_count, known_count, agree = (np.zeros(M) for _ in range(5))
-    shares = [([], []) for _ in range(M)]  # per attribute: shares where it differs, where it is shared
-    for q, g in pair_list:
-        reconstructed = components[q, g].mean()
-        if target[q, g] > 1e-6:
-            errors.append(abs(target[q, g] - reconstructed) / target[q, g])
-        known = query["known"][q].numpy() & gallery["known"][g].numpy()
-        differ = (query["attributes"][q].numpy() != gallery["attributes"][g].numpy()) & known
-        ap_e, ap_c, top_set, large = reference_pair(components[q, g].astype(np.float32), differ, known, top_k)
-        if ap_e is not None:
-            exclusive.append(ap_e)
-        if ap_c is not None:
-            common.append(ap_c)
-        for m in range(M):
-            top[m] += m in top_set
-            top_differ[m] += m in top_set and differ[m]
-            differ_count[m] += differ[m]
-            known_count[m] += known[m]
-            agree[m] += known[m] and ((m in large) == bool(differ[m]))
-        total = sum(components[q, g, m] for m in range(M) if known[m])
-        for m in range(M):
-            if known[m]:
-                shares[m][0 if differ[m] else 1].append(components[q, g, m] / total)
-    results.update({"ADRE": 100 * np.mean(errors), "ADRE_errors": np.array(errors),
-                    "X-mAP_e": 100 * np.mean(exclusive), "X-mAP_e_pairs": len(exclusive),
-                    "X-mAP_c": 100 * np.mean(common), "X-mAP_c_pairs": len(common)})
-    results["per_attribute"] = {
-        NAMES[m]: {f"top{top_k}_precision": 100 * top_differ[m] / top[m] if top[m] else None,
-                   f"top{top_k}_recall": 100 * top_differ[m] / differ_count[m] if differ_count[m] else None,
-                   "agreement": 100 * agree[m] / known_count[m] if known_count[m] else None,
-                   "share_auc": reference_auc(*shares[m])}
-        for m in range(M)}
-    return results
-
-
-def reference_retrieval(name, distances, query, gallery, ranks=(1, 5, 10)):
-    q_pids, g_pids = query["pids"].numpy(), gallery["pids"].numpy()
-    q_cams, g_cams = query["camids"].numpy(), gallery["camids"].numpy()
-    aps, firsts = [], []
-    for q in range(len(q_pids)):
-        kept = [g for g in np.argsort(distances[q], kind="stable")
-                if not (g_pids[g] == q_pids[q] and g_cams[g] == q_cams[q])]
-        positions = [i + 1 for i, g in enumerate(kept) if g_pids[g] == q_pids[q]]
-        if positions:
-            aps.append(np.mean([(j + 1) / p for j, p in enumerate(positions)]))
-            firsts.append(positions[0])
-    results = {f"{name}_mAP": 100 * np.mean(aps)}
-    for rank in ranks:
-        results[f"{name}_rank{rank}"] = 100 * np.mean([first <= rank for first in firsts])
-    return results
+    return evaluate_pairs(as_split(query), as_split(gallery), NAMES, metric, top_k=top_k, pairs=pairs)
 
 
 # -- fixtures ------------------------------------------------------------------------------------------
@@ -280,7 +177,7 @@ def test_ties_between_shares_rank_the_relevant_attribute_first():
     known = torch.ones(4, 1, dtype=torch.bool)
     differ = torch.tensor([[True, False, True, False]]).t()
     stats = pair_explanation_stats(components, differ, known)
-    ref_e, ref_c, _, _ = reference_pair(components[:, 0].numpy(), differ[:, 0].numpy(), known[:, 0].numpy(), 3)
+    ref_e, ref_c, _, _ = pair_metrics(components[:, 0].numpy(), differ[:, 0].numpy(), known[:, 0].numpy(), 3)
     assert float(stats.exclusive_ap[0]) == pytest.approx(1.0) == pytest.approx(ref_e)
     assert float(stats.common_ap[0]) == pytest.approx(ref_c)
 

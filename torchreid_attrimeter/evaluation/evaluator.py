@@ -35,6 +35,7 @@ from torchreid_attrimeter.decomposition import (
     pairwise_distance,
 )
 from torchreid_attrimeter.evaluation import native_metrics
+from torchreid_attrimeter.evaluation.definitions import ADRE_MIN_DISTANCE  # ADRE skips pairs at most this far
 from torchreid_attrimeter.evaluation.explanation_metrics import (
     SHARE_BINS,
     RelativeErrorHistogram,
@@ -48,8 +49,6 @@ logger = logging.getLogger(__name__)
 
 PAIR_MODES = ("all", "topk")
 SPLITS = ("query", "gallery")
-# Pairs whose target distance is below this are skipped by ADRE (a relative error of ~0/0).
-ADRE_MIN_DISTANCE = 1e-6
 # The memory budget is split evenly between a query chunk's (q, G) arrays (target and interpreter
 # distances and the ranking's temporaries, about 32 bytes per pair at their peak) and a tile's
 # (M, q, g) float32 inner products. Everything else is computed per block of pairs (some 50 MB).

@@ -1,7 +1,8 @@
-"""Per-pair explanation metrics of docs/method.md §6 on blocks of pairs, vectorised over pairs:
-X-mAP_e, X-mAP_c (with the N = 0 rule), top-k attribute precision/recall and attribute agreement.
-This is the definition the evaluator's C kernel (pair_metrics.c, used on CPU) follows step by step;
-the tests hold the two to each other.
+"""Per-pair explanation metrics of docs/method.md §6 on blocks of pairs, vectorised over pairs (the
+evaluator's torch path): X-mAP_e, X-mAP_c (with the N = 0 rule), top-k attribute precision/recall,
+attribute agreement and the share histograms. definitions.py states each metric for one pair, readably;
+this module and the C kernel (pair_metrics.c, used on CPU, which follows this one step by step) compute
+the same numbers fast, and the tests hold all three together.
 
 Layout: attribute-major, (M, n) for n pairs, the layout ``pairwise_components`` produces internally,
 so that each attribute is one contiguous row. Ranking M attributes of every pair uses a sorting network

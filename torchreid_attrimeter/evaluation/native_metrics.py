@@ -4,7 +4,8 @@ needed. Where it cannot be used (no compiler, a CUDA device, more than 64 attrib
 ``ATTRIMETER_NATIVE=0``) the evaluator runs the same metrics with torch operations, block by block.
 
 Like torchreid's Cython ``evaluate_rank`` with its Python fallback, the two paths compute the same
-definitions; the tests hold them to each other and to slow references.
+definitions (written readably, one pair at a time, in definitions.py); the tests hold both to them.
+The library reports its struct layout, which is checked against the ctypes mirror when it is loaded.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@
  * L1 cache from products to counts, loops run over the W pairs of an attribute so the compiler
  * vectorises them, and the tile's query rows are split over threads (no GIL involved).
  *
- * The definitions (ranking keys, Batcher network, AP formulas, the N = 0 rule, histogram bins) are the
- * ones documented in explanation_metrics.py; the comparators and every constant come from Python.
+ * The definitions (ranking keys, AP formulas, the N = 0 rule) are stated one pair at a time in
+ * definitions.py; the Batcher network and histogram bins are explanation_metrics.py's, and the
+ * comparators and every constant come from Python.
  */
 #include <math.h>
 #include <pthread.h>
