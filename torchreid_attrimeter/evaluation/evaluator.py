@@ -84,6 +84,10 @@ class ExplanationEvaluator:
             (default) uses it when it can be compiled, False always uses the torch path, True
             requires the kernel.
         progress: show a tqdm bar.
+        per_query: also add up, in the same pass over the tiles, what the model audit needs per query
+            (``query_totals`` after ``evaluate``: share sums by pair category, the target's rank-1 pair
+            and its shares, the query's rank statistics; see ``QueryTotals``). Needs pairs='all'. The
+            returned metrics are the same with or without it.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class ExplanationEvaluator:
         seed: int = 0,
         native: bool | None = None,
         progress: bool = True,
+        per_query: bool = False,
     ):
         self.attribute_names = tuple(attribute_names)
         self.metric = check_metric(metric)
@@ -123,6 +128,10 @@ class ExplanationEvaluator:
             raise ValueError(f"native must be None (automatic), True or False, got {native!r}")
         self.native = native
         self.progress = progress
+        if per_query and pairs != "all":
+            raise ValueError("per_query totals need every query x gallery pair: use pairs='all'")
+        self.per_query = bool(per_query)
+        self.query_totals: QueryTotals | None = None
         self.reset()
 
     # -- streaming interface -------------------------------------------------------------------------
@@ -209,7 +218,10 @@ class ExplanationEvaluator:
                                  "before evaluate()")
         device = self.device or query["embedding"].device
         with_attributes = bool(self._has_attributes["query"] and self._has_attributes["gallery"])
-        return _Run(self, query, gallery, device, with_attributes).results()
+        run = _Run(self, query, gallery, device, with_attributes)
+        results = run.results()
+        self.query_totals = run.query_totals
+        return results
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -320,6 +332,7 @@ class _Run:
                     data["all_known"] = data["known"].all(1).to(device)
         self.products_buffer = torch.empty(0, device=device)
         self.gallery_norms = self.all_gallery_norms()
+        self.query_totals = QueryTotals.empty(query, gallery, self.num_attributes) if evaluator.per_query else None
 
     def all_gallery_norms(self) -> torch.Tensor | None:
         """(M, G) squared norms of the gallery's attribute embeddings ('euclidean'), computed once per
@@ -393,7 +406,10 @@ class _Run:
         q_camids = self.query["camids"][rows].to(self.device)
         target = pairwise_distance(self.query["embedding"][rows].to(self.device), self.gallery_embedding, metric)
         _check_finite(target, "target distances")
-        self.retrieval["target"].add(query_rank_stats(target, q_pids, q_camids, self.gallery_identities))
+        target_stats = query_rank_stats(target, q_pids, q_camids, self.gallery_identities)
+        self.retrieval["target"].add(target_stats)
+        if self.query_totals is not None:
+            self.record_first_pairs(rows, target, target_stats, query_attributes, query_norms)
 
         if self.options.pairs == "all":
             columns = torch.arange(self.num_gallery, device=self.device)
@@ -443,6 +459,8 @@ class _Run:
         query_rows = slice(work.rows.start + block.start, work.rows.start + block.stop)
         pair_mask = self.subsample(query_rows, work.columns, work.selected[block] if work.selected is not None
                                    else None)
+        if self.query_totals is not None:
+            self.add_query_shares(components, query_rows, work.gallery_index, pair_mask)
         return self.block_result(components, work.target[block], mean_components, pair_mask, query_rows,
                                  work.gallery_index)
 
@@ -462,7 +480,13 @@ class _Run:
             comparators=self.comparators, adre_min_distance=ADRE_MIN_DISTANCE,
             histogram_range=(RelativeErrorHistogram.LOG_MIN, RelativeErrorHistogram.LOG_MAX,
                              RelativeErrorHistogram.BINS),
-            num_threads=torch.get_num_threads())
+            num_threads=torch.get_num_threads(),
+            identities=None if self.query_totals is None else (
+                self.query["pids"][work.rows], self.query["camids"][work.rows],
+                self.gallery["pids"][work.gallery_index], self.gallery["camids"][work.gallery_index]))
+        if totals.query_share_sums is not None:
+            self.query_totals.share_sums[work.rows] += totals.query_share_sums
+            self.query_totals.pair_counts[work.rows] += totals.query_pair_counts
         if totals.nonfinite:
             raise ValueError(_NOT_FINITE.format(name="attribute components"))
         result = _BlockResult(pairs=totals.pairs, adre_skipped=totals.adre_skipped)
@@ -484,6 +508,64 @@ class _Run:
         hashed = (pair_index % _HASH_PRIME) * self.multiplier % _HASH_PRIME
         keep = hashed < int(self.options.pair_fraction * _HASH_PRIME)
         return keep if pair_mask is None else pair_mask & keep
+
+    # -- per-query totals of the model audit -------------------------------------------------------
+
+    def record_first_pairs(self, rows: slice, target: torch.Tensor, target_stats, query_attributes: torch.Tensor,
+                           query_norms: torch.Tensor | None) -> None:
+        """The target's rank-1 gallery image of each query of the chunk (torchreid's protocol: the
+        query's identity seen by its own camera is left out; ties go to the lower column, as a stable
+        sort settles them), its components' shares, and the queries' rank statistics."""
+        totals = self.query_totals
+        ranked = target.clone()
+        same_rows, same_columns, junk = self.gallery_identities.same_identity_pairs(
+            self.query["pids"][rows].to(self.device), self.query["camids"][rows].to(self.device))
+        ranked[same_rows[junk], same_columns[junk]] = float("inf")
+        best = ranked.min(1)
+        first = best.indices.cpu()
+        available = torch.isfinite(best.values).cpu()
+        # The rank-1 pairs' components, from the same distance terms as the tiles' (one pair per query).
+        gallery_attributes, gallery_norms = self.gallery_terms(first.to(self.device))
+        products = (query_attributes * gallery_attributes).sum(-1)  # (M, q)
+        if query_norms is None:
+            components = 1.0 - products
+        else:
+            squared = torch.add(query_norms, products, alpha=-2.0) + gallery_norms
+            components = squared.clamp_min(SQUARED_DISTANCE_FLOOR).sqrt()
+        components = components.t().float().cpu()  # (q, M)
+        total = components.sum(1, keepdim=True)
+        shares = torch.where(total > 0, components / total.clamp_min(torch.finfo(torch.float32).tiny),
+                             torch.full_like(components, float("nan")))
+        available &= (total[:, 0] > 0)
+        totals.first_index[rows] = torch.where(available, first, -1)
+        totals.first_shares[rows] = torch.where(available[:, None], shares, float("nan"))
+        totals.first_distance[rows] = torch.where(available, best.values.float().cpu(), float("nan"))
+        totals.first_correct[rows] = available & (self.gallery["pids"][first] == self.query["pids"][rows])
+        totals.valid[rows] = target_stats.valid.cpu()
+        totals.first_match[rows] = target_stats.first_match.cpu()
+        totals.average_precision[rows] = target_stats.average_precision.double().cpu()
+
+    def add_query_shares(self, components: torch.Tensor, query_rows: slice, gallery_index,
+                         pair_mask: torch.Tensor | None) -> None:
+        """Torch path of the kernel's per-query share sums: components (M, r, g) of query rows
+        ``query_rows`` (global) x gallery ``gallery_index``."""
+        total = components.sum(0)  # (r, g)
+        counted = total > 0  # a zero distance has no shares
+        if pair_mask is not None:
+            counted &= pair_mask
+        weight = torch.where(counted, 1.0 / total.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        gallery_rows = gallery_index if isinstance(gallery_index, slice) else gallery_index.cpu()
+        same_identity = (self.query["pids"][query_rows][:, None] == self.gallery["pids"][gallery_rows][None, :])
+        same_camera = (self.query["camids"][query_rows][:, None] == self.gallery["camids"][gallery_rows][None, :])
+        category = (2 * same_identity.long() + same_camera.long()).to(components.device)
+        by_query = components.permute(1, 0, 2)  # (r, M, g)
+        for index in range(native_metrics.NUM_CATEGORIES):
+            chosen = counted & (category == index)
+            if not bool(chosen.any()):
+                continue
+            sums = torch.bmm(by_query, (weight * chosen)[:, :, None])[:, :, 0]  # (r, M)
+            self.query_totals.share_sums[query_rows, index] += sums.double().cpu()
+            self.query_totals.pair_counts[query_rows, index] += chosen.sum(1).cpu()
 
     # -- per-pair metrics ----------------------------------------------------------------------------
 
@@ -589,6 +671,58 @@ class _Run:
             }
         results["per_attribute"] = per_attribute
         return results
+
+
+# Pair categories of QueryTotals.share_sums: index = 2 * same identity + same camera.
+PAIR_CATEGORIES = ("other identity, other camera", "other identity, same camera",
+                   "same identity, other camera (true match)", "same identity, same camera (left out)")
+
+
+@dataclass
+class QueryTotals:
+    """Per-query totals of an evaluation run with ``per_query=True`` (what the model audit needs),
+    for Q queries, M attributes. A pair's share of attribute m is p^m = d^m / sum_k d^k.
+
+    share_sums: (Q, 4, M) float64, the sum of the shares over the query's pairs of each category of
+        PAIR_CATEGORIES; pair_counts (Q, 4) int64 the pairs summed (pairs whose components sum to 0 have no
+        shares and are not counted).
+    first_index: (Q,) int64, the target's rank-1 gallery image under torchreid's protocol (-1: none);
+        first_shares (Q, M) float32 its shares (NaN: none); first_distance (Q,) its target distance;
+        first_correct (Q,) bool, it shows the query's identity.
+    valid, first_match, average_precision: the target's rank statistics per query (ranking.QueryRankStats).
+    query_pids, query_camids (Q,), gallery_pids, gallery_camids (G,): the identities and cameras.
+    """
+
+    share_sums: torch.Tensor
+    pair_counts: torch.Tensor
+    first_index: torch.Tensor
+    first_shares: torch.Tensor
+    first_distance: torch.Tensor
+    first_correct: torch.Tensor
+    valid: torch.Tensor
+    first_match: torch.Tensor
+    average_precision: torch.Tensor
+    query_pids: torch.Tensor
+    query_camids: torch.Tensor
+    gallery_pids: torch.Tensor
+    gallery_camids: torch.Tensor
+
+    @classmethod
+    def empty(cls, query: dict, gallery: dict, num_attributes: int) -> QueryTotals:
+        size = len(query["pids"])
+        return cls(
+            share_sums=torch.zeros(size, len(PAIR_CATEGORIES), num_attributes, dtype=torch.float64),
+            pair_counts=torch.zeros(size, len(PAIR_CATEGORIES), dtype=torch.int64),
+            first_index=torch.full((size,), -1, dtype=torch.int64),
+            first_shares=torch.full((size, num_attributes), float("nan")),
+            first_distance=torch.full((size,), float("nan")),
+            first_correct=torch.zeros(size, dtype=torch.bool),
+            valid=torch.zeros(size, dtype=torch.bool),
+            first_match=torch.zeros(size, dtype=torch.int64),
+            average_precision=torch.zeros(size, dtype=torch.float64),
+            query_pids=query["pids"].cpu().clone(), query_camids=query["camids"].cpu().clone(),
+            gallery_pids=gallery["pids"].cpu().clone(), gallery_camids=gallery["camids"].cpu().clone(),
+        )
 
 
 @dataclass

@@ -38,6 +38,8 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC
 SUM_NAMES = ("exclusive_sum", "common_sum", "error_sum", "error_max")
 TALLY_NAMES = ("pairs", "exclusive_pairs", "common_pairs", "error_count", "adre_skipped", "nonfinite")
 COUNT_NAMES = ("top_k", "top_k_differ", "differ", "known", "agree")
+# Pair categories of the per-query share sums (index = 2 * same identity + same camera), as in C.
+NUM_CATEGORIES = 4
 # match_bins compares every image with each of the row's matches; beyond this many matches a binary
 # search (torch's searchsorted) does less work.
 MAX_COUNTED_MATCHES = 128
@@ -64,6 +66,9 @@ class _Tile(ctypes.Structure):
         ("counts", ctypes.c_void_p),
         ("share_shift", ctypes.c_int64), ("share_low", ctypes.c_int64), ("share_bins", ctypes.c_int64),
         ("share_histogram", ctypes.c_void_p),
+        ("query_pids", ctypes.c_void_p), ("query_camids", ctypes.c_void_p),
+        ("gallery_pids", ctypes.c_void_p), ("gallery_camids", ctypes.c_void_p),
+        ("query_share_sums", ctypes.c_void_p), ("query_pair_counts", ctypes.c_void_p),
     ]
 
 
@@ -230,6 +235,10 @@ class TileTotals:
     common_pairs: int
     counts: dict[str, torch.Tensor]  # COUNT_NAMES -> (M,) int64
     share_histogram: torch.Tensor  # (2, M, SHARE_BINS) int64, as explanation_metrics.share_histogram
+    # With ``identities``: per query row, the sums of the pairs' shares (rows, NUM_CATEGORIES, M) float64
+    # and the pairs counted (rows, NUM_CATEGORIES) int64, by category 2 * same identity + same camera.
+    query_share_sums: torch.Tensor | None = None
+    query_pair_counts: torch.Tensor | None = None
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -251,6 +260,7 @@ def tile_totals(
     adre_min_distance: float,
     histogram_range: tuple[float, float, int],
     num_threads: int,
+    identities: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> TileTotals:
     """Every per-pair metric of a tile in one multi-threaded pass.
 
@@ -258,7 +268,9 @@ def tile_totals(
     or None for cosine; target (q, g) float32 with unit column stride; reconstructed (q, g) float32
     view with unit column stride to receive the mean component, or None; pair_mask (q, g) bool or None
     (every pair); labels (query labels, query known, gallery labels, gallery known) as ``label_masks``,
-    or None; comparators (C, 2) int32, the descending sorting network over M.
+    or None; comparators (C, 2) int32, the descending sorting network over M. identities (query pids,
+    query camids, gallery pids, gallery camids) int64, or None: with them the per-query share sums of the
+    model audit are added up in the same pass (``TileTotals.query_share_sums``).
     """
     library = load_kernel()
     if library is None:
@@ -281,6 +293,15 @@ def tile_totals(
     histogram = torch.zeros(threads, bins, dtype=torch.float64)
     counts = torch.zeros(threads, len(COUNT_NAMES), num_attributes, dtype=torch.int64)
     shares = torch.zeros(threads, 2, num_attributes, SHARE_BINS, dtype=torch.int64)
+    identity_parts = [None] * 4
+    query_share_sums = query_pair_counts = None
+    if identities is not None:
+        identity_parts = [part.to(torch.int64).contiguous() for part in identities]
+        if [len(part) for part in identity_parts] != [rows, rows, columns, columns]:
+            raise ValueError(f"identities must be (query pids, query camids) of {rows} rows and (gallery pids, "
+                             f"gallery camids) of {columns} columns")
+        query_share_sums = torch.zeros(rows, NUM_CATEGORIES, num_attributes, dtype=torch.float64)
+        query_pair_counts = torch.zeros(rows, NUM_CATEGORIES, dtype=torch.int64)
     tile = _Tile(
         num_attributes, rows, columns, products.data_ptr(), _pointer(query_norms), _pointer(gallery_norms),
         squared_floor, target.data_ptr(), target.stride(0),
@@ -289,6 +310,7 @@ def tile_totals(
         comparators.ctypes.data, len(comparators), adre_min_distance, log_min, log_max, bins, threads,
         sums.data_ptr(), tallies.data_ptr(), histogram.data_ptr(), counts.data_ptr(),
         SHARE_BIN_SHIFT, SHARE_BIN_LOW, SHARE_BINS, shares.data_ptr(),
+        *(_pointer(part) for part in identity_parts), _pointer(query_share_sums), _pointer(query_pair_counts),
     )
     if library.attrimeter_tile_metrics(ctypes.byref(tile)) != 0:
         raise ValueError(f"the kernel takes 1 to {MAX_ATTRIBUTES} attributes, got {num_attributes}")
@@ -297,5 +319,5 @@ def tile_totals(
     return TileTotals(
         **summed, histogram=histogram.sum(0),
         counts={name: counts[:, index].sum(0) for index, name in enumerate(COUNT_NAMES)},
-        share_histogram=shares.sum(0),
+        share_histogram=shares.sum(0), query_share_sums=query_share_sums, query_pair_counts=query_pair_counts,
     )

@@ -25,6 +25,7 @@
 #define W 64       /* pairs per group: (M, W) arrays of a few KB */
 #define MAX_M 64   /* attribute labels travel as one 64-bit mask per image */
 #define UNKNOWN_KEY (-2)
+#define NUM_CATEGORIES 4  /* pairs by (same identity, same camera) */
 
 enum { SUM_EXCLUSIVE, SUM_COMMON, SUM_ERROR, SUM_ERROR_MAX, NUM_SUMS };
 enum { TALLY_PAIRS, TALLY_EXCLUSIVE, TALLY_COMMON, TALLY_ERRORS, TALLY_SKIPPED, TALLY_NONFINITE, NUM_TALLIES };
@@ -58,6 +59,12 @@ typedef struct {
     /* share histogram: bin = (bits of the float32 share >> share_shift) - share_low, clamped */
     int64_t share_shift, share_low, share_bins;
     int64_t *share_histogram;  /* (threads, 2, M, share_bins): [0] shared, [1] differs */
+    /* Per-query share sums for the model audit (audit.py), or NULL: each row is one query, owned by one
+     * thread, so the rows' sums need no per-thread copies. Pair category = 2 * same identity + same camera. */
+    const int64_t *query_pids, *query_camids;      /* (rows,) */
+    const int64_t *gallery_pids, *gallery_camids;  /* (columns,) */
+    double *query_share_sums;    /* (rows, NUM_CATEGORIES, M): sum over the row's pairs of p^m = d^m / sum_k d^k */
+    int64_t *query_pair_counts;  /* (rows, NUM_CATEGORIES): pairs with a positive sum of components */
 } Tile;
 
 typedef struct {
@@ -119,6 +126,31 @@ static void relative_errors(const Tile *t, int64_t row, int64_t column, int64_t 
         int64_t bin = (int64_t)((logarithm - t->log_min) * scale);
         if (bin >= t->bins) bin = t->bins - 1;
         histogram[bin] += 1.0;
+    }
+}
+
+/* Adds each selected pair's shares (comp (M, n) over their sums `sum`) to the lane accumulators of its
+ * category, acc[category][m][w]: whole-lane additions, which vectorise (a float reduction over w would
+ * not without -ffast-math). The lanes are summed into the row's double totals once per row. */
+static void query_shares(const Tile *t, int64_t row, int64_t column, int64_t n, float comp[][W], const float *sum,
+                         const uint8_t *mask, float acc[][MAX_M][W], int64_t *pair_counts) {
+    const int64_t M = t->num_attributes;
+    const int64_t pid = t->query_pids[row], camid = t->query_camids[row];
+    float weight[NUM_CATEGORIES][W];
+    int present[NUM_CATEGORIES] = {0};
+    for (int64_t c = 0; c < NUM_CATEGORIES; c++)
+        for (int64_t w = 0; w < n; w++) weight[c][w] = 0.0f;
+    for (int64_t w = 0; w < n; w++) {
+        if (!mask[w] || !(sum[w] > 0.0f)) continue;  /* a zero distance has no shares */
+        const int64_t c = 2 * (t->gallery_pids[column + w] == pid) + (t->gallery_camids[column + w] == camid);
+        weight[c][w] = 1.0f / sum[w];
+        present[c] = 1;
+        pair_counts[c]++;
+    }
+    for (int64_t c = 0; c < NUM_CATEGORIES; c++) {
+        if (!present[c]) continue;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t w = 0; w < n; w++) acc[c][m][w] += comp[m][w] * weight[c][w];
     }
 }
 
@@ -297,9 +329,12 @@ static void *run_rows(void *argument) {
     int64_t *counts = t->counts + work->thread * NUM_COUNTS * M;
     int64_t *share_histogram = t->share_histogram + work->thread * 2 * M * t->share_bins;
     float comp[MAX_M][W];  /* 16 KB: thread stacks are megabytes */
-    float mean[W];
+    float mean[W], sum[W];
     uint8_t mask[W];
+    const int audit = t->query_share_sums != NULL;
+    static __thread float acc[NUM_CATEGORIES][MAX_M][W];  /* 64 KB: per thread, not on the stack */
     for (int64_t row = work->first_row; row < work->last_row; row++) {
+        if (audit) memset(acc, 0, sizeof acc);
         for (int64_t column = 0; column < t->columns; column += W) {
             const int64_t n = t->columns - column < W ? t->columns - column : W;
             group_components(t, row, column, n, comp);
@@ -307,6 +342,7 @@ static void *run_rows(void *argument) {
             for (int64_t m = 0; m < M; m++)
                 for (int64_t w = 0; w < n; w++) mean[w] += comp[m][w];
             for (int64_t w = 0; w < n; w++) {
+                sum[w] = mean[w];
                 mean[w] /= (float)M;
                 if (!isfinite(mean[w])) tallies[TALLY_NONFINITE]++;
             }
@@ -318,12 +354,25 @@ static void *run_rows(void *argument) {
                 any |= mask[w];
             }
             if (!any) continue;
+            /* Before explanation_metrics, which zeroes the unknown components in comp. */
+            if (audit) query_shares(t, row, column, n, comp, sum, mask, acc,
+                                    t->query_pair_counts + row * NUM_CATEGORIES);
             relative_errors(t, row, column, n, mean, mask, sums, tallies, histogram);
             if (t->query_labels == NULL) {
                 for (int64_t w = 0; w < n; w++) tallies[TALLY_PAIRS] += mask[w];
                 continue;
             }
             explanation_metrics(t, row, column, n, comp, mask, sums, tallies, counts, share_histogram);
+        }
+        if (audit) {
+            double *row_sums = t->query_share_sums + row * NUM_CATEGORIES * M;
+            const int64_t lanes = t->columns < W ? t->columns : W;
+            for (int64_t c = 0; c < NUM_CATEGORIES; c++)
+                for (int64_t m = 0; m < M; m++) {
+                    double total = 0.0;
+                    for (int64_t w = 0; w < lanes; w++) total += (double)acc[c][m][w];
+                    row_sums[c * M + m] += total;
+                }
         }
     }
     return NULL;
