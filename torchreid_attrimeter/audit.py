@@ -261,7 +261,7 @@ class ModelAudit:
         evaluation = {key: value for key, value in self.evaluation.items() if key != "per_attribute"}
         where = None
         if self.maps is not None:
-            where = {"images": self.maps_images, "map_size": list(self.maps.with_attribute.shape[-2:]),
+            where = {"available": True, "images": self.maps_images, "map_size": list(self.maps.with_attribute.shape[-2:]),
                      "labelled": self.has_labels,
                      "attributes": {name: {"images_with": int(self.maps.with_count[m]),
                                            "images_without": int(self.maps.without_count[m]),
@@ -288,7 +288,8 @@ class ModelAudit:
             "sensitivity": self.sensitivity(),
             "blind_spots": self.blind_spots(),
             "where": where if where is not None else {"available": False,
-                                                      "reason": "no model images (a feature-level audit)"},
+                                                      "reason": "no mean maps were computed (a feature-level audit, "
+                                                                "or average_maps_images=0)"},
             "worst_queries": self.worst(),
         }
 

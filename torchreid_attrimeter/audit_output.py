@@ -150,19 +150,22 @@ def draw_comparison(run: AuditRun):
     axes = figure.subplots(len(COMPARED_MEASURES), 1, gridspec_kw={"hspace": 1.0})
     for axis, measure in zip(np.atleast_1d(axes), COMPARED_MEASURES):
         for offset, other in enumerate(comparison.others):
-            entries = comparison.differences[other][measure]
-            shift = (offset - (len(comparison.others) - 1) / 2) * 0.25
+            entries = [comparison.differences[other][measure][name] for _, name in ordered]
+            positions = np.arange(len(ordered)) + (offset - (len(comparison.others) - 1) / 2) * 0.25
+            defined = np.array([entry["difference"] is not None and entry["low"] is not None for entry in entries])
+            if not defined.any():
+                continue
+            middle = np.array([entry["difference"] or 0.0 for entry in entries]) * 100
+            low = np.array([entry["low"] or 0.0 for entry in entries]) * 100
+            high = np.array([entry["high"] or 0.0 for entry in entries]) * 100
+            significant = np.array([entry["verdict"] is not None for entry in entries])
             colour = GROUP_COLOURS[(offset + 1) % len(GROUP_COLOURS)]
-            for position, (_, name) in enumerate(ordered):
-                entry = entries[name]
-                if entry["difference"] is None:
-                    continue
-                x = position + shift
-                if entry["low"] is not None:
-                    axis.plot([x, x], [entry["low"] * 100, entry["high"] * 100], color=colour, linewidth=1.2)
-                axis.plot(x, entry["difference"] * 100, "o", color=colour, markersize=4,
-                          markerfacecolor=colour if entry["verdict"] else "white",
-                          label=f"{other} − {comparison.reference}" if position == 0 else None)
+            axis.errorbar(positions[defined], middle[defined], yerr=[(middle - low)[defined], (high - middle)[defined]],
+                          fmt="none", ecolor=colour, elinewidth=1.2)
+            axis.scatter(positions[defined & ~significant], middle[defined & ~significant], s=14, facecolors="white",
+                         edgecolors=colour, zorder=3)
+            axis.scatter(positions[defined & significant], middle[defined & significant], s=14, color=colour, zorder=3,
+                         label=f"{other} − {comparison.reference}")
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set_ylabel("difference (points)", fontsize=7)
         axis.tick_params(axis="y", labelsize=7)
