@@ -16,7 +16,12 @@ from explain_fixtures import tiny_setup
 
 from torchreid_attrimeter.attributes import get_schema
 from torchreid_attrimeter.audit import AuditAccumulator, AuditError, AuditRun, compare_audits
-from torchreid_attrimeter.audit_output import AuditFolderError, format_audit, prepare_audit_folder, write_audit
+from torchreid_attrimeter.audit_output import (
+    AuditFolderError,
+    format_audit,
+    prepare_audit_folder,
+    write_audit,
+)
 from torchreid_attrimeter.decomposition import Decomposition, pairwise_components
 from torchreid_attrimeter.errors import AttriMeterError
 from torchreid_attrimeter.evaluation import ExplanationEvaluator, native_metrics

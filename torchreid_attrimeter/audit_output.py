@@ -13,14 +13,25 @@ import html
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from torchreid_attrimeter.audit import COMPARED_MEASURES, RELIANCE_MEASURES, SPLIT_MEASURES, AuditRun, ModelAudit
+from torchreid_attrimeter.audit import (
+    COMPARED_MEASURES,
+    RELIANCE_MEASURES,
+    SPLIT_MEASURES,
+    AuditRun,
+    ModelAudit,
+)
 from torchreid_attrimeter.errors import AttriMeterError
 from torchreid_attrimeter.report import ReportWriteError, _staging_folder, _write_file, data_uri, write_json
-from torchreid_attrimeter.visualize import GROUP_COLOURS, EmptyFigureError, draw_average_maps, figure_png_bytes, new_figure
+from torchreid_attrimeter.visualize import (
+    GROUP_COLOURS,
+    EmptyFigureError,
+    draw_average_maps,
+    figure_png_bytes,
+    new_figure,
+)
 
 AUDIT_JSON = "audit.json"
 AUDIT_HTML = "index.html"
@@ -194,9 +205,9 @@ def format_audit(run: AuditRun, data: dict | None = None) -> str:
     the even share 1/M for reference), the blind spots and worst queries, then the comparison."""
     data = data or run.to_dict()
     dataset = data["dataset"]
-    lines = [f"Model audit of {len(run.audits)} interpreter(s) on {dataset.get('name', 'features')}: "
+    lines = [(f"Model audit of {len(run.audits)} interpreter(s) on {dataset.get('name', 'features')}: "
              f"{run.audits[0].totals.query_pids.numel()} queries x {run.audits[0].totals.gallery_pids.numel()} "
-             f"gallery, M = {run.audits[0].num_attributes}, even share {100 * data['even_share']:.2f} %"]
+             f"gallery, M = {run.audits[0].num_attributes}, even share {100 * data['even_share']:.2f} %")]
     if dataset.get("labels_missing"):
         lines.append(f"note: {dataset['labels_missing']}")
     for audit, record in zip(run.audits, data["interpreters"]):
@@ -284,7 +295,7 @@ def _interpreter_html(audit: ModelAudit, record: dict, figures: dict[str, bytes]
                 f'<tr data-attribute="{html.escape(name)}"><td>{html.escape(name)}</td>'
                 + "".join(_cell(record["reliance"][key][name], even) for key in keys)
                 + f"<td>{'n/a' if auc is None else f'{auc:.2f}'}</td>"
-                + (f'<td class="blind">yes</td></tr>' if is_blind else "<td></td></tr>"))
+                + ('<td class="blind">yes</td></tr>' if is_blind else "<td></td></tr>"))
     header = "".join(f"<th>{MEASURE_LABELS[key]}</th>" for key in keys)
     table = (f'<table class="reliance"><thead><tr><th>attribute</th>{header}<th>share AUC</th><th>blind spot</th>'
              f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
@@ -326,10 +337,10 @@ def audit_section_html(run: AuditRun, figures: dict[str, bytes], data: dict | No
     data = data or run.to_dict()
     dataset = data["dataset"]
     parts = ['<section class="audit" id="model-audit"><h2>Model audit</h2>',
-             f"<p>{html.escape(str(dataset.get('name', 'features')))}: {dataset.get('queries')} queries × "
+             (f"<p>{html.escape(str(dataset.get('name', 'features')))}: {dataset.get('queries')} queries × "
              f"{dataset.get('gallery')} gallery images, {len(data['attributes'])} attributes. Every query × gallery "
              "pair of torchreid's protocol is counted; each measure is a mean over queries of the query's mean "
-             "share.</p>"]
+             "share.</p>")]
     if dataset.get("labels_missing"):
         parts.append(f'<p class="missing">{html.escape(dataset["labels_missing"])}</p>')
     for number, (audit, record) in enumerate(zip(run.audits, data["interpreters"]), 1):
