@@ -263,9 +263,12 @@ def _number(value) -> str:
 
 # --- HTML -----------------------------------------------------------------------------------------------------
 
-_CSS = """
+_PAGE_CSS = """
 body{font-family:system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
 header{padding:12px 24px;background:#263238;color:#fff}header h1{margin:0;font-size:20px}
+"""
+# The section's own style travels with it, so that it looks the same embedded in another report.
+_SECTION_CSS = """
 section.audit{margin:12px 24px}.audit h2{font-size:18px;border-bottom:1px solid #ccc}
 .audit h3{font-size:15px;margin-top:18px}.audit table{border-collapse:collapse;font-size:12px;margin:6px 0}
 .audit td,.audit th{border:1px solid #ddd;padding:2px 6px;text-align:right}
@@ -336,7 +339,7 @@ def audit_section_html(run: AuditRun, figures: dict[str, bytes], data: dict | No
     """The audit as one ``<section id="model-audit">`` (figures embedded), for this page or another report."""
     data = data or run.to_dict()
     dataset = data["dataset"]
-    parts = ['<section class="audit" id="model-audit"><h2>Model audit</h2>',
+    parts = [f'<section class="audit" id="model-audit"><style>{_SECTION_CSS}</style><h2>Model audit</h2>',
              (f"<p>{html.escape(str(dataset.get('name', 'features')))}: {dataset.get('queries')} queries × "
              f"{dataset.get('gallery')} gallery images, {len(data['attributes'])} attributes. Every query × gallery "
              "pair of torchreid's protocol is counted; each measure is a mean over queries of the query's mean "
@@ -378,7 +381,7 @@ def build_audit_html(run: AuditRun, figures: dict[str, bytes], data: dict | None
                      title: str = "AttriMeter model audit") -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<link rel=\"icon\" href=\"data:,\"><title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+            f"<link rel=\"icon\" href=\"data:,\"><title>{html.escape(title)}</title><style>{_PAGE_CSS}</style></head>"
             f"<body><header><h1>{html.escape(title)}</h1></header><main>{audit_section_html(run, figures, data)}"
             "</main></body></html>\n")
 

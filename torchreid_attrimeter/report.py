@@ -332,8 +332,11 @@ def _query_section(number: int, entry: QueryEntry) -> tuple[str, str]:
 
 
 def build_report_html(entries: Sequence[QueryEntry], title: str = "AttriMeter explanations",
-                      info: Mapping[str, Any] | None = None, extra_figures: Mapping[str, bytes] | None = None) -> str:
-    """The whole report as one HTML string (no external resources)."""
+                      info: Mapping[str, Any] | None = None, extra_figures: Mapping[str, bytes] | None = None,
+                      sections: Sequence[str] = ()) -> str:
+    """The whole report as one HTML string (no external resources). ``sections``: further self-contained
+    HTML sections appended to the page (e.g. ``audit_output.audit_section_html``, the model audit)."""
+    extra_sections = list(sections)
     sections, stores = [], []
     for number, entry in enumerate(entries, 1):
         section, store = _query_section(number, entry)
@@ -356,7 +359,7 @@ def build_report_html(entries: Sequence[QueryEntry], title: str = "AttriMeter ex
         f"<link rel=\"icon\" href=\"data:,\"><title>{html.escape(title)}</title><style>{_CSS}</style></head>"
         f"<body data-queries=\"{len(entries)}\"><header><h1>{html.escape(title)}</h1><dl>{details}</dl></header>"
         f"<nav>{navigation}</nav><main><p class=\"notes\" style=\"margin:12px 24px;color:#444\">{legend}</p>"
-        f"{''.join(sections)}{extras}</main>"
+        f"{''.join(sections)}{extras}{''.join(extra_sections)}</main>"
         f"<div class=\"store\">{''.join(stores)}</div>"
         "<div id=\"viewer\" class=\"viewer\" hidden><div class=\"viewer-box\">"
         "<button id=\"viewer-close\" class=\"close\" type=\"button\" aria-label=\"close\">&times;</button>"
@@ -436,11 +439,13 @@ def _query_stem(number: int) -> str:
 def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[ImageRecord], folder: str, *,
                  topk: int = 10, top_attributes: int = 3, info: Mapping[str, Any] | None = None,
                  average_maps_images: Sequence[ImageRecord] = (), average_maps_labels=None,
-                 title: str = "AttriMeter explanations", dpi: int = 80, overwrite: bool = False) -> ReportFiles:
+                 title: str = "AttriMeter explanations", dpi: int = 80, overwrite: bool = False,
+                 sections: Sequence[str] = ()) -> ReportFiles:
     """Explain each query against the gallery and write a report to ``folder`` (see
     ``prepare_output_dir``): per query a ranked-list PNG, a pair PNG per ranked item and a JSON; with
     ``average_maps_images`` and their labels ((N, M) values, (N, M) known) the dataset-level average
-    maps; and ``index.html`` with all of it embedded. ``dpi`` sets the PNGs' resolution (the HTML
+    maps; and ``index.html`` with all of it embedded (and ``sections``, further HTML sections such as the
+    model audit's ``audit_output.audit_section_html``). ``dpi`` sets the PNGs' resolution (the HTML
     embeds every figure, so its size grows with dpi squared).
 
     The report is written into a temporary folder next to ``folder`` and renamed to ``folder`` only
@@ -463,7 +468,8 @@ def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[Im
         files = _write_report_files(explainer, queries, gallery, staged, folder, topk=topk,
                                     top_attributes=top_attributes, info=info,
                                     average_maps_images=average_maps_images,
-                                    average_maps_labels=average_maps_labels, title=title, dpi=dpi)
+                                    average_maps_labels=average_maps_labels, title=title, dpi=dpi,
+                                    sections=sections)
         _move_into_place(staged, folder, overwrite)
     except BaseException:  # also Ctrl-C: never leave a half-written report behind
         shutil.rmtree(staged, ignore_errors=True)
@@ -474,7 +480,7 @@ def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[Im
 def _write_report_files(explainer, queries: Sequence[ImageRecord], gallery: Sequence[ImageRecord], staged: str,
                         folder: str, *, topk: int, top_attributes: int, info: Mapping[str, Any] | None,
                         average_maps_images: Sequence[ImageRecord], average_maps_labels, title: str,
-                        dpi: int) -> ReportFiles:
+                        dpi: int, sections: Sequence[str] = ()) -> ReportFiles:
     """The files of ``write_report``, written into ``staged``; the returned paths are in ``folder``,
     where they will be once the staged folder is renamed."""
     from torchreid_attrimeter.data import CorruptImageError
@@ -559,5 +565,6 @@ def _write_report_files(explainer, queries: Sequence[ImageRecord], gallery: Sequ
         save_json({**average.to_dict(), "images": len(average_maps_images)}, "average_maps.json")
 
     _write_file(os.path.join(staged, REPORT_INDEX),
-                build_report_html(entries, title=title, info=info, extra_figures=extra), shown_as=files.index)
+                build_report_html(entries, title=title, info=info, extra_figures=extra, sections=sections),
+                shown_as=files.index)
     return files
