@@ -78,9 +78,9 @@ def _attribute_axis(axis, audit: ModelAudit, ordered, marked=()) -> None:
     axis.set_xticks(range(len(ordered)))
     axis.set_xticklabels([name + (" !" if name in marked else "") for _, name in ordered], rotation=60,
                          ha="right", fontsize=7)
-    for label, (group, name) in zip(axis.get_xticklabels(), ordered):
-        label.set_color(colours[group])
+    for label, (_, name) in zip(axis.get_xticklabels(), ordered):
         if name in marked:
+            label.set_color("#b00000")
             label.set_fontweight("bold")
     start = 0
     for group in groups:
