@@ -215,9 +215,11 @@ def test_outputs_are_written_once_and_never_over_a_folder(tmp_path, upred_audit)
     assert data["format"] == "attrimeter-audit/1" and [entry["name"] for entry in data["interpreters"]] == [
         "upred-only", "hat-only"]
     assert sorted(os.listdir(files.folder)) == sorted(
-        ["audit.json", "index.html", "summary.txt", "reliance-1.png", "reliance-2.png", "sensitivity.png",
+        ["audit.json", "index.html", "summary.txt", "summary.md", "reliance-1.png", "reliance-2.png", "sensitivity.png",
          "comparison.png"])
     assert os.listdir(tmp_path) == ["audit"]  # no staging folder left behind
+    table = (Path(files.folder) / "summary.md").read_text().splitlines()
+    assert len(table) == 2 + M and "**lower**" in next(line for line in table if line.startswith("| upred "))
     page = Path(files.html).read_text()
     assert 'id="model-audit"' in page and page.count('<tr data-attribute=') == 2 * M
     with pytest.raises(AuditFolderError, match="never overwrites"):

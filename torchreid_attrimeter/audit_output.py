@@ -36,6 +36,7 @@ from torchreid_attrimeter.visualize import (
 AUDIT_JSON = "audit.json"
 AUDIT_HTML = "index.html"
 AUDIT_SUMMARY = "summary.txt"
+AUDIT_MARKDOWN = "summary.md"
 MEASURE_LABELS = {"true_matches": "true matches", "all_pairs": "all pairs", "rank1_errors": "rank-1 errors",
                   "same_camera": "same camera", "different_camera": "different camera"}
 MEASURE_COLOURS = {"true_matches": "#1a9850", "all_pairs": "#4e79a7", "rank1_errors": "#d73027",
@@ -416,7 +417,7 @@ def audit_figures(run: AuditRun, dpi: int = 90) -> dict[str, bytes]:
 
 
 def write_audit(run: AuditRun, folder: str | os.PathLike, dpi: int = 90) -> AuditFiles:
-    """Write audit.json, summary.txt, the charts and index.html into ``folder``, which must not exist or be
+    """Write audit.json, summary.txt, summary.md, the charts and index.html into ``folder``, which must not exist or be
     empty (``prepare_audit_folder``); built in a hidden sibling folder and renamed into place."""
     folder = prepare_audit_folder(folder)
     data = run.to_dict()
@@ -428,6 +429,8 @@ def write_audit(run: AuditRun, folder: str | os.PathLike, dpi: int = 90) -> Audi
         data["figures"] = {name: f"{name}.png" for name in figures}
         write_json(os.path.join(staged, AUDIT_JSON), data, shown_as=files.json)
         _write_file(os.path.join(staged, AUDIT_SUMMARY), format_audit(run, data) + "\n", shown_as=files.summary)
+        _write_file(os.path.join(staged, AUDIT_MARKDOWN), markdown_table(data) + "\n",
+                    shown_as=os.path.join(folder, AUDIT_MARKDOWN))
         for name, png in figures.items():
             _write_file(os.path.join(staged, f"{name}.png"), png, shown_as=os.path.join(folder, f"{name}.png"))
             files.pngs.append(os.path.join(folder, f"{name}.png"))
@@ -444,3 +447,40 @@ def write_audit(run: AuditRun, folder: str | os.PathLike, dpi: int = 90) -> Audi
         raise
     return files
 
+
+
+def markdown_table(data: dict) -> str:
+    """The per-attribute summary of an audit JSON as a Markdown table (numbers only): mean share over
+    all pairs and over rank-1 errors (%), the share AUC and blind spots of every interpreter, and, in a
+    comparison, each other interpreter's difference over all pairs with its interval and verdict."""
+    records = data["interpreters"]
+    comparison = data.get("comparison")
+    names = [record["name"] for record in records]
+    joined = " / ".join(names)
+    header = ["attribute", f"all pairs, % ({joined})", f"rank-1 errors, % ({joined})", f"share AUC ({joined})",
+              "blind spot"]
+    if comparison:
+        header += [f"{other} − {comparison['reference']}, all pairs (points, {int(100 * comparison['confidence'])} % CI)"
+                   for other in comparison["others"]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def number(value, scale=100.0, digits=2):
+        return "n/a" if value is None else f"{scale * value:.{digits}f}"
+
+    for group, members in data["groups"].items():
+        for name in members:
+            blind = [record["name"] for record in records
+                     if record["blind_spots"].get("available") and record["blind_spots"]["per_attribute"][name]["blind_spot"]]
+            cells = [f"{name} ({group})",
+                     " / ".join(number(record["reliance"]["all_pairs"][name]) for record in records),
+                     " / ".join(number(record["reliance"]["rank1_errors"][name]) for record in records),
+                     " / ".join(number(record["sensitivity"]["share_auc"][name], 1.0)
+                                if record["sensitivity"].get("available") else "n/a" for record in records),
+                     ", ".join(blind) or "–"]
+            if comparison:
+                for other in comparison["others"]:
+                    entry = comparison["differences"][other]["all_pairs"][name]
+                    cells.append(f"{_signed(entry['difference'])} [{_signed(entry['low'])}, {_signed(entry['high'])}]"
+                                 + (f" **{entry['verdict']}**" if entry["verdict"] else ""))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
