@@ -311,3 +311,18 @@ def test_the_tool_refuses_bad_input_with_one_error_line(audit_tool, setup, tmp_p
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "explain different attribute schemas" in error and str(other) in error
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_tool_takes_the_latest_checkpoint_and_the_dataset_from_a_config(audit_tool, setup, tmp_path):
+    from tiny_run import tiny_config
+
+    cfg = tiny_config(setup.root, setup.target_weights, os.path.dirname(os.path.dirname(setup.checkpoint)),
+                      name="osnet_x0_25")
+    config = tmp_path / "audit.yaml"
+    config.write_text(cfg.dump())
+    output = tmp_path / "audit"
+    assert audit_tool.main(["--config-file", str(config), "--output", str(output), "--average-maps-images", "0",
+                            "--no-progress", "--device", "cpu", "--worst-queries", "2"]) == 0
+    data = json.loads((output / "audit.json").read_text())
+    assert data["interpreters"][0]["source"]["checkpoint"] == os.path.abspath(setup.checkpoint)
+    assert data["dataset"]["name"] == "synthetic_attr" and len(data["interpreters"][0]["worst_queries"]) == 2
