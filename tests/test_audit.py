@@ -22,9 +22,9 @@ from torchreid_attrimeter.audit_output import (
     prepare_audit_folder,
     write_audit,
 )
-from torchreid_attrimeter.decomposition import Decomposition, pairwise_components
+from torchreid_attrimeter.decomposition import Decomposition
 from torchreid_attrimeter.errors import AttriMeterError
-from torchreid_attrimeter.evaluation import ExplanationEvaluator, native_metrics
+from torchreid_attrimeter.evaluation import ExplanationEvaluator, definitions, native_metrics
 
 NAMES = get_schema("market1501").attributes
 M = len(NAMES)
@@ -51,18 +51,6 @@ def evaluate(query, gallery, num_attributes=7, per_query=True, **options):
     return evaluator.evaluate(), evaluator.query_totals
 
 
-def reference_totals(query, gallery, metric):
-    """Every pair at once, one at a time in float64: the definition the evaluator's sums follow."""
-    components = pairwise_components(query["decomposition"], gallery["decomposition"], metric).attribute_components
-    components = components.double()
-    shares = components / components.sum(-1, keepdim=True)
-    category = (2 * (query["pids"][:, None] == gallery["pids"][None]).long()
-                + (query["camids"][:, None] == gallery["camids"][None]).long())
-    sums = torch.stack([(shares * (category == index)[..., None]).sum(1) for index in range(4)], 1)
-    counts = torch.stack([(category == index).sum(1) for index in range(4)], 1)
-    return sums, counts
-
-
 BACKENDS = [pytest.param(True, id="kernel", marks=pytest.mark.skipif(
     native_metrics.load_kernel() is None, reason="no C compiler")), pytest.param(False, id="torch")]
 
@@ -70,21 +58,19 @@ BACKENDS = [pytest.param(True, id="kernel", marks=pytest.mark.skipif(
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("native", BACKENDS)
 @pytest.mark.parametrize("budget", [512.0, 0.01])
-def test_per_query_sums_follow_the_reference_in_both_backends(metric, native, budget):
+def test_per_query_sums_follow_the_definitions_in_both_backends(metric, native, budget):
     query, gallery = random_split(37, 1), random_split(83, 2)
     _, totals = evaluate(query, gallery, metric=metric, native=native, memory_budget_mb=budget)
-    sums, counts = reference_totals(query, gallery, metric)
-    assert torch.equal(totals.pair_counts, counts)
-    torch.testing.assert_close(totals.share_sums, sums, rtol=0, atol=1e-5)
-    # The rank-1 pair: the target's nearest gallery image, the query's own camera view left out.
-    target = pairwise_components(query["decomposition"], gallery["decomposition"], metric).target_distance
-    same_view = (query["pids"][:, None] == gallery["pids"][None]) & (query["camids"][:, None] == gallery["camids"][None])
-    first = target.masked_fill(same_view, float("inf")).argmin(1)
-    assert torch.equal(totals.first_index, first)
+    splits = [definitions.Split(data["decomposition"], data["pids"], data["camids"], data["attributes"], data["known"])
+              for data in (query, gallery)]
+    expected = definitions.query_totals(*splits, metric=metric)
+    assert totals.pair_counts.tolist() == expected["pair_counts"].tolist()
+    torch.testing.assert_close(totals.share_sums, torch.from_numpy(expected["share_sums"]), rtol=0, atol=1e-5)
+    assert totals.first_index.tolist() == expected["first_index"].tolist()
+    first = totals.first_index
     assert torch.equal(totals.first_correct, gallery["pids"][first] == query["pids"])
-    components = pairwise_components(query["decomposition"], gallery["decomposition"], metric).attribute_components
-    expected = components[torch.arange(37), first]
-    torch.testing.assert_close(totals.first_shares, expected / expected.sum(1, keepdim=True), rtol=0, atol=1e-6)
+    torch.testing.assert_close(totals.first_shares.double(), torch.from_numpy(expected["first_shares"]),
+                               rtol=0, atol=1e-6)
 
 
 @pytest.mark.skipif(native_metrics.load_kernel() is None, reason="no C compiler")

@@ -170,3 +170,38 @@ def evaluate_pairs(query: Split, gallery: Split, attribute_names: Sequence[str],
                "share_auc": share_auc(*shares[m])}
         for m, name in enumerate(attribute_names)}
     return results
+
+
+def query_totals(query: Split, gallery: Split, metric: str = "euclidean") -> dict[str, np.ndarray]:
+    """What ``ExplanationEvaluator(per_query=True)`` adds up for the model audit, pair by pair:
+    ``share_sums`` (Q, 4, M), the sum over the query's pairs of each category (2 * same identity + same
+    camera) of the shares p^m = d^m / sum_k d^k over all M attributes (labels play no part; a pair whose
+    components sum to 0 has no shares and is not counted), ``pair_counts`` (Q, 4), and the target's
+    rank-1 pair under torchreid's protocol: ``first_index`` (Q,) (the first in a stable order, -1 when no
+    gallery image is left) and its ``first_shares`` (Q, M)."""
+    def distance(a, b):
+        if metric == "cosine":
+            return 1 - float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+        return float(np.linalg.norm(a - b))
+
+    q_emb, g_emb = query.decomposition.embedding.numpy(), gallery.decomposition.embedding.numpy()
+    q_att, g_att = query.decomposition.attribute_embeddings.numpy(), gallery.decomposition.attribute_embeddings.numpy()
+    num_query, num_attributes = q_att.shape[:2]
+    sums, counts = np.zeros((num_query, 4, num_attributes)), np.zeros((num_query, 4), dtype=np.int64)
+    first_index = np.full(num_query, -1)
+    first_shares = np.full((num_query, num_attributes), np.nan)
+    for q in range(num_query):
+        best = np.inf
+        for g in range(len(g_emb)):
+            same_identity = bool(query.pids[q] == gallery.pids[g])
+            same_camera = bool(query.camids[q] == gallery.camids[g])
+            components = np.array([distance(q_att[q, m], g_att[g, m]) for m in range(num_attributes)])
+            total = components.sum()
+            if total > 0:
+                sums[q, 2 * same_identity + same_camera] += components / total
+                counts[q, 2 * same_identity + same_camera] += 1
+            target = distance(q_emb[q], g_emb[g])
+            if not (same_identity and same_camera) and target < best:
+                best, first_index[q] = target, g
+                first_shares[q] = components / total if total > 0 else np.nan
+    return {"share_sums": sums, "pair_counts": counts, "first_index": first_index, "first_shares": first_shares}

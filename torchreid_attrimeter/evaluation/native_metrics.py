@@ -154,7 +154,7 @@ def check_layout(library: ctypes.CDLL) -> None:
     library.attrimeter_tile_layout.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     library.attrimeter_tile_layout.restype = ctypes.c_int64
     capacity = len(_Tile._fields_) + 8
-    sizes, offsets = (ctypes.c_int64 * 4)(), (ctypes.c_int64 * capacity)()
+    sizes, offsets = (ctypes.c_int64 * 5)(), (ctypes.c_int64 * capacity)()
     names = (ctypes.c_char_p * capacity)()
     count = library.attrimeter_tile_layout(sizes, names, offsets, capacity)
     kernel = [(names[i].decode(), offsets[i]) for i in range(min(count, capacity))]
@@ -165,7 +165,8 @@ def check_layout(library: ctypes.CDLL) -> None:
     if len(kernel) != len(mirror):
         problems.append(f"C has {len(kernel)} fields, Python {len(mirror)}")
     expected_sizes = (("sizeof(Tile)", ctypes.sizeof(_Tile)), ("NUM_SUMS", len(SUM_NAMES)),
-                      ("NUM_TALLIES", len(TALLY_NAMES)), ("NUM_COUNTS", len(COUNT_NAMES)))
+                      ("NUM_TALLIES", len(TALLY_NAMES)), ("NUM_COUNTS", len(COUNT_NAMES)),
+                      ("NUM_CATEGORIES", NUM_CATEGORIES))
     problems += [f"{name}: C {value}, Python {wanted}"
                  for (name, wanted), value in zip(expected_sizes, sizes) if value != wanted]
     if problems:

@@ -393,10 +393,12 @@ static const FieldOffset TILE_FIELDS[] = {
     FIELD(log_min), FIELD(log_max), FIELD(bins), FIELD(num_threads),
     FIELD(sums), FIELD(tallies), FIELD(histogram), FIELD(counts),
     FIELD(share_shift), FIELD(share_low), FIELD(share_bins), FIELD(share_histogram),
+    FIELD(query_pids), FIELD(query_camids), FIELD(gallery_pids), FIELD(gallery_camids),
+    FIELD(query_share_sums), FIELD(query_pair_counts),
 };
 #undef FIELD
 
-/* sizes = {sizeof(Tile), NUM_SUMS, NUM_TALLIES, NUM_COUNTS}; names / offsets receive up to `capacity`
+/* sizes = {sizeof(Tile), NUM_SUMS, NUM_TALLIES, NUM_COUNTS, NUM_CATEGORIES}; names / offsets receive up to `capacity`
  * fields. Returns the number of fields. */
 int64_t attrimeter_tile_layout(int64_t *sizes, const char **names, int64_t *offsets, int64_t capacity) {
     const int64_t count = (int64_t)(sizeof TILE_FIELDS / sizeof TILE_FIELDS[0]);
@@ -404,6 +406,7 @@ int64_t attrimeter_tile_layout(int64_t *sizes, const char **names, int64_t *offs
     sizes[1] = NUM_SUMS;
     sizes[2] = NUM_TALLIES;
     sizes[3] = NUM_COUNTS;
+    sizes[4] = NUM_CATEGORIES;
     for (int64_t i = 0; i < count && i < capacity; i++) {
         names[i] = TILE_FIELDS[i].name;
         offsets[i] = TILE_FIELDS[i].offset;
