@@ -160,9 +160,11 @@ class ModelAudit:
 
     def blind_spots(self) -> dict[str, Any]:
         """Per attribute, over the rank-1 errors whose labels differ in it: how many, the mean share it
-        gets there and how often that share is below the even share; the attributes whose mean share
-        there is below the even share are the blind spots ("confused although they differ in X"),
-        most frequent first, each with example pairs (the lowest shares)."""
+        gets there and how often that share is below the even share. The blind spots ("the model
+        confused these people although they differ in X") are the attributes that get less than the
+        even share in most of the rank-1 errors where they differ (their median share there is below
+        it: a few pairs with a large share do not hide the rest), most such errors first, each with
+        example pairs (the lowest shares)."""
         if not self.has_labels:
             return {"available": False, "reason": self.labels_missing or "no attribute labels"}
         queries, differ, shares = self.rank1_error_differences()
@@ -178,7 +180,7 @@ class ModelAudit:
                 "below_even_share": below,
                 "below_even_rate": below / len(rows) if len(rows) else None,
             }
-            entry["blind_spot"] = bool(len(rows) and entry["mean_share_when_differing"] < even)
+            entry["blind_spot"] = bool(len(rows) and 2 * below > len(rows))
             per_attribute[name] = entry
             if entry["blind_spot"]:
                 order = torch.argsort(values, stable=True)[:self.examples]

@@ -122,7 +122,7 @@ def draw_reliance(audit: ModelAudit):
         _attribute_axis(axis, audit, ordered, marked if title == "reliance" else ())
         if drawn:
             axis.legend(fontsize=7, loc="upper right", ncol=4, frameon=False, bbox_to_anchor=(1.0, 1.25))
-    note = "  ('!': blind spot, differs in rank-1 errors but gets less than the even share)" if marked else ""
+    note = "  ('!': blind spot, below the even share in most rank-1 errors where it differs)" if marked else ""
     figure.suptitle(f"{audit.name}: what the model relies on{note}", fontsize=9)
     return figure
 
@@ -236,7 +236,7 @@ def format_audit(run: AuditRun, data: dict | None = None) -> str:
         top = record["reliance_order"]["all_pairs"][:3]
         lines.append(f"relies most on (all pairs): {', '.join(top)}")
         if blind.get("available"):
-            lines.append(f"blind spots (differ in rank-1 errors, below the even share there): "
+            lines.append(f"blind spots (differ in rank-1 errors, below the even share in most of them): "
                          f"{', '.join(blind['attributes']) or 'none'}")
         else:
             lines.append(f"sensitivity and blind spots: not available ({blind['reason']})")
