@@ -312,3 +312,12 @@ def test_the_tool_takes_the_latest_checkpoint_and_the_dataset_from_a_config(audi
     data = json.loads((output / "audit.json").read_text())
     assert data["interpreters"][0]["source"]["checkpoint"] == os.path.abspath(setup.checkpoint)
     assert data["dataset"]["name"] == "synthetic_attr" and len(data["interpreters"][0]["worst_queries"]) == 2
+
+
+def test_the_benchmark_runs_and_keeps_the_evaluators_numbers():
+    path = Path(__file__).resolve().parent.parent / "tools" / "benchmark_audit.py"
+    spec = importlib.util.spec_from_file_location("benchmark_audit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--quick", "--num-query", "60", "--num-gallery", "200", "--repeats", "1"])
+    assert report["evaluator_numbers_identical"] and report["audit_over_evaluator"] > 0
