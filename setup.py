@@ -37,4 +37,14 @@ setup(
     # (multi-GB) torch build.
     install_requires=["torch>=1.13", "torchvision>=0.14", "torchreid>=0.2.5", *TORCHREID_RUNTIME],
     extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff", "playwright"]},
+    # One console script per tool in torchreid_attrimeter/cli/ (tools/<name>.py run the same code).
+    entry_points={
+        "console_scripts": [
+            "attrimeter-train = torchreid_attrimeter.cli.train:cli",
+            "attrimeter-visualize = torchreid_attrimeter.cli.visualize:main",
+            "attrimeter-demo = torchreid_attrimeter.cli.demo:cli",
+            "attrimeter-inspect-attributes = torchreid_attrimeter.cli.inspect_attributes:main",
+            "attrimeter-make-synthetic-dataset = torchreid_attrimeter.cli.make_synthetic_dataset:main",
+        ]
+    },
 )

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import demo as demo_tool
+from torchreid_attrimeter.cli import demo as demo_tool
 
 
 def test_an_output_folder_keeps_the_image_size_it_was_made_with(tmp_path):

@@ -16,13 +16,11 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.cli.errors import run_tool
 from torchreid_attrimeter.decomposition import pairwise_components
 from torchreid_attrimeter.losses import AttributePriorLoss, DistanceDistillationLoss
 from torchreid_attrimeter.models import build_attrimeter
@@ -134,4 +132,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))
