@@ -21,10 +21,10 @@ import torch
 
 from torchreid_attrimeter import compat
 from torchreid_attrimeter.cli.errors import run_tool
-from torchreid_attrimeter.models.attrimeter import VARIANTS
 from torchreid_attrimeter.decomposition import pairwise_components
 from torchreid_attrimeter.losses import AttributePriorLoss, DistanceDistillationLoss
 from torchreid_attrimeter.models import build_attrimeter
+from torchreid_attrimeter.models.attrimeter import VARIANTS
 
 
 def interleaved_medians(steps: dict, repeats: int, warmup: int) -> dict:
