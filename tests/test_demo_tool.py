@@ -1,9 +1,10 @@
-"""tools/demo.py's guard for its output folder (the demo itself takes minutes and is run by hand)."""
+"""The demo's guards for its output folder and its shipped target (the demo itself takes minutes and is run by hand)."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +27,36 @@ def test_a_folder_from_before_the_settings_file_counts_as_the_default_size(tmp_p
         demo_tool.check_settings(str(tmp_path), {"image_size": [256, 128]})
     demo_tool.check_settings(str(tmp_path), {"image_size": demo_tool.default_image_size()})
     assert demo_tool.default_image_size() == [128, 64]
+
+
+def test_settings_of_a_folder_from_before_the_shipped_target_mean_a_trained_target(tmp_path):
+    output = str(tmp_path)
+    with open(os.path.join(output, demo_tool.SETTINGS_FILE), "w", encoding="utf-8") as handle:
+        json.dump({"image_size": [128, 64]}, handle)
+    demo_tool.check_settings(output, {"image_size": [128, 64], "target": "trained"})
+    with pytest.raises(SystemExit, match="'target': 'trained'"):
+        demo_tool.check_settings(output, {"image_size": [128, 64], "target": "shipped"})
+
+
+def test_the_shipped_target_is_the_published_file_and_fits_osnet_x0_25():
+    from torchreid_attrimeter import compat
+
+    assert demo_tool.shipped_target() == demo_tool.SHIPPED_TARGET
+    state = compat.load_checkpoint(demo_tool.SHIPPED_TARGET)  # a bare state dict, as model-zoo files are
+    model = compat.build_model("osnet_x0_25", num_classes=400, pretrained=False)  # the 400 demo identities
+    model.load_state_dict(state, strict=True)
+
+
+def test_a_damaged_shipped_target_is_refused_with_the_fix(tmp_path, monkeypatch):
+    from torchreid_attrimeter import compat
+
+    damaged = tmp_path / "synthetic_demo_target.pth"
+    data = bytearray(Path(demo_tool.SHIPPED_TARGET).read_bytes())
+    data[-100] ^= 1
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(demo_tool, "SHIPPED_TARGET", str(damaged))
+    with pytest.raises(compat.CheckpointError, match="damaged or replaced.*--train-target"):
+        demo_tool.shipped_target()
+    monkeypatch.setattr(demo_tool, "SHIPPED_TARGET", str(tmp_path / "gone.pth"))
+    with pytest.raises(FileNotFoundError, match="--train-target"):
+        demo_tool.shipped_target()

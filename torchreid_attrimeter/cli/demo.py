@@ -1,9 +1,16 @@
-"""The whole AttriMeter path on CPU, from nothing: generate the synthetic attribute-person dataset,
-train a small target with torchreid's own ImageSoftmaxEngine, graft AttriMeter onto it, train the
-interpreter, evaluate it and write an HTML report of explained ranked lists.
+"""The whole AttriMeter path on CPU: generate the synthetic attribute-person dataset, take a small
+target (osnet_x0_25) trained on it, graft AttriMeter onto it, train the interpreter, evaluate it and
+write an HTML report of explained ranked lists.
 
     attrimeter-demo            (or: make demo, python tools/demo.py)
+    attrimeter-demo --train-target                            # train the target too (+10 min on 2 cores)
     attrimeter-demo --output demo_256 --image-size 256 128    # finer 16x8 feature maps, ~4x slower
+
+The target is not the product, and training it took 60 % of the demo, so the package ships it:
+``data/synthetic_demo_target.pth`` holds the weights this demo's own target step writes (torchreid's
+ImageSoftmaxEngine, configs/synthetic_demo_target.yaml, seed 1, 15 epochs), which are the same bytes
+on every machine tried. Its sha256 is checked before use. ``--train-target`` runs that step instead,
+and says whether the weights it trained equal the shipped ones. Another ``--image-size`` always trains.
 
 Everything is written under ./demo_output/ (``--output``). A re-run reuses what exists: the dataset,
 the finished target checkpoint and the interpreter's checkpoints (an interrupted run continues).
@@ -35,12 +42,17 @@ from torchreid_attrimeter.config import (
     optimizer_kwargs,
 )
 from torchreid_attrimeter.data.synthetic import generate_synthetic_dataset
+from torchreid_attrimeter.models.attrimeter import file_sha256
 
 # The checkout holding this package (torchreid_attrimeter/cli/demo.py): its configs/ are not package
 # data, so an install that is not editable finds none and load_config names the missing file.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET_CONFIG = os.path.join(REPO, "configs", "synthetic_demo_target.yaml")
 ATTRIMETER_CONFIG = os.path.join(REPO, "configs", "attrimeter_synthetic_demo.yaml")
+# The target the demo's own target step trains at the default settings (see the module docstring).
+SHIPPED_TARGET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                              "synthetic_demo_target.pth")
+SHIPPED_TARGET_SHA256 = "4be6df0c53b9aa9ad64234bac971f32188a18c4d1c06997c57eeaed24d6de0f9"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                         help="input size of the target and the interpreter (default: the configs' 128 64)")
+    parser.add_argument("--train-target", action="store_true",
+                        help="train the target with torchreid's engine instead of using the shipped one")
     return parser.parse_args(argv)
 
 
@@ -62,8 +76,9 @@ def default_image_size() -> list[int]:
 
 def check_settings(output: str, settings: dict) -> None:
     """Record the settings an output folder is made with, and refuse to continue one made with others
-    (its target checkpoint would be reused at the wrong input size). A folder from before this file
-    existed was made with the configs' defaults."""
+    (its interpreter explains another target, or its target checkpoint has another input size). A
+    folder from before this file existed was made with the configs' defaults; one from before the
+    shipped target, with a trained target."""
     path = os.path.join(output, SETTINGS_FILE)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
@@ -72,6 +87,8 @@ def check_settings(output: str, settings: dict) -> None:
         saved = {"image_size": default_image_size()}
     else:
         saved = None
+    if saved is not None and "target" in settings:
+        saved.setdefault("target", "trained")
     if saved is not None and saved != settings:
         raise SystemExit(f"{output} was made with {saved} and this run asks for {settings}: its checkpoints "
                          "do not fit. Use another --output (nothing was changed).")
@@ -86,6 +103,34 @@ def finished_target(save_dir: str, max_epoch: int) -> str | None:
         if epoch == max_epoch:
             return path
     return None
+
+
+def shipped_target() -> str:
+    """The shipped target's path, after checking that its bytes are the published ones."""
+    if not os.path.isfile(SHIPPED_TARGET):
+        raise FileNotFoundError(f"the demo's shipped target '{SHIPPED_TARGET}' is missing: restore it "
+                                f"(git checkout -- torchreid_attrimeter/data) or run with --train-target")
+    digest = file_sha256(SHIPPED_TARGET)
+    if digest != SHIPPED_TARGET_SHA256:
+        raise compat.CheckpointError(
+            f"the demo's shipped target '{SHIPPED_TARGET}' has sha256 {digest[:12]}, not {SHIPPED_TARGET_SHA256[:12]}: "
+            f"it was damaged or replaced. Restore it (git checkout -- torchreid_attrimeter/data) or run with "
+            f"--train-target")
+    print(f"=> Using the shipped target {SHIPPED_TARGET} (sha256 {digest[:12]}; --train-target trains it)")
+    return SHIPPED_TARGET
+
+
+def compare_with_shipped(trained: str) -> None:
+    """Say whether a target trained at the default settings equals the shipped one, weight for weight."""
+    trained_state = compat.extract_state_dict(compat.load_checkpoint(trained), source=f"'{trained}'")
+    shipped_state = compat.load_checkpoint(SHIPPED_TARGET)
+    differing = [key for key, value in shipped_state.items()
+                 if key not in trained_state or not torch.equal(trained_state[key].cpu(), value)]
+    if not differing and len(trained_state) == len(shipped_state):
+        print(f"=> The trained target equals the shipped one ({len(shipped_state)} tensors, bit for bit)")
+    else:
+        print(f"=> The trained target differs from the shipped one in {len(differing)} of "
+              f"{len(shipped_state)} tensors (another torch version or CPU can round differently)")
 
 
 def train_target(cfg) -> str:
@@ -153,8 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
     timings: dict[str, tuple[float, float]] = {}
     start, cpu_start = time.time(), _cpu_seconds()
 
-    size = args.image_size or default_image_size()
-    check_settings(output, {"image_size": list(size)})
+    size = list(args.image_size or default_image_size())
+    default_size = size == default_image_size()
+    if not default_size and not args.train_target:
+        print(f"=> The shipped target takes {default_image_size()} images, this run {size}: the target is trained")
+    use_shipped = default_size and not args.train_target
+    check_settings(output, {"image_size": size, "target": "shipped" if use_shipped else "trained"})
     _step("1/4 synthetic dataset", timings, generate_synthetic_dataset, data_root)
 
     target_cfg = load_config(TARGET_CONFIG, [
@@ -162,8 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
         "data.workers", str(args.workers), "use_gpu", str(use_gpu),
         "data.height", str(size[0]), "data.width", str(size[1]),
     ])
-    target_weights = _step(f"2/4 target (torchreid engine, {target_cfg.loss.name} loss)", timings,
-                           train_target, target_cfg)
+    if use_shipped:
+        target_weights = _step("2/4 target (shipped)", timings, shipped_target)
+    else:
+        target_weights = _step(f"2/4 target (torchreid engine, {target_cfg.loss.name} loss)", timings,
+                               train_target, target_cfg)
+        if default_size:
+            compare_with_shipped(target_weights)
 
     attrimeter_cfg = load_config(ATTRIMETER_CONFIG, [
         "data.root", data_root, "data.save_dir", os.path.join(output, "attrimeter"),
