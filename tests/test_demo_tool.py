@@ -60,3 +60,19 @@ def test_a_damaged_shipped_target_is_refused_with_the_fix(tmp_path, monkeypatch)
     monkeypatch.setattr(demo_tool, "SHIPPED_TARGET", str(tmp_path / "gone.pth"))
     with pytest.raises(FileNotFoundError, match="--train-target"):
         demo_tool.shipped_target()
+
+
+def test_a_trained_target_is_compared_with_the_shipped_one_tensor_by_tensor(tmp_path, capsys):
+    import torch
+
+    from torchreid_attrimeter import compat
+
+    state = compat.load_checkpoint(demo_tool.SHIPPED_TARGET)
+    checkpoint = tmp_path / "model.pth.tar-15"
+    torch.save({"state_dict": state, "epoch": 15}, checkpoint)  # torchreid's engine checkpoint layout
+    demo_tool.compare_with_shipped(str(checkpoint))
+    assert f"equals the shipped one ({len(state)} tensors, bit for bit)" in capsys.readouterr().out
+    state["classifier.bias"] = state["classifier.bias"] + 1e-6
+    torch.save({"state_dict": state, "epoch": 15}, checkpoint)
+    demo_tool.compare_with_shipped(str(checkpoint))
+    assert f"differs from the shipped one in 1 of {len(state)} tensors" in capsys.readouterr().out
