@@ -1,9 +1,6 @@
 """Fixtures shared by the test files: the tiny synthetic dataset and untrained targets of tiny_run.py,
 built once per test session, and the report tool as a module."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from tiny_run import make_synthetic_root, save_untrained_target
 
@@ -22,9 +19,8 @@ def tiny_targets(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def report_tool():
-    """tools/visualize_decomposition.py as a module (tools/ is not a package): tests call its main()."""
-    path = Path(__file__).resolve().parent.parent / "tools" / "visualize_decomposition.py"
-    spec = importlib.util.spec_from_file_location("visualize_decomposition", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The visualize tool (torchreid_attrimeter/cli/visualize.py, run by tools/visualize_decomposition.py):
+    tests call its main()."""
+    from torchreid_attrimeter.cli import visualize
+
+    return visualize

@@ -9,8 +9,9 @@ import torch
 from tiny_run import tiny_config
 
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.checkpoints import ResumeError
 from torchreid_attrimeter.config import ConfigError
-from torchreid_attrimeter.engine import ResumeError, build_engine
+from torchreid_attrimeter.engine import build_engine
 from torchreid_attrimeter.losses import AttributeProbeLoss, PlacePriorLoss, attention_pool, complement_maps
 
 # --- pooling ------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from torchreid_attrimeter.attributes import (
 pytestmark = pytest.mark.filterwarnings("ignore::torchreid_attrimeter.attributes.AttributeIrregularityWarning")
 
 REAL_DUKE_FILE = str(DUKE_ATTRIBUTE_FILE)
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
 MARKET_FIELDS = ("age", "backpack", "bag", "handbag", "downblack", "downblue", "downbrown", "downgray",
                  "downgreen", "downpink", "downpurple", "downwhite", "downyellow", "upblack", "upblue",
@@ -202,9 +201,8 @@ def test_missing_file_is_a_file_not_found_error(tmp_path):
         read_attribute_file(tmp_path / "nothing.mat", "market1501")
 
 
-def test_inspect_tool_prints_json_with_counts_and_irregularities(market_file, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(TOOLS)
-    import inspect_attributes
+def test_inspect_tool_prints_json_with_counts_and_irregularities(market_file, capsys):
+    from torchreid_attrimeter.cli import inspect_attributes
 
     assert inspect_attributes.main([str(market_file), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -218,9 +216,8 @@ def test_inspect_tool_prints_json_with_counts_and_irregularities(market_file, ca
             "detail": "value(s) [0, 3] outside the encoding [1, 2]: treated as unknown"} in train["irregularities"]
 
 
-def test_inspect_tool_prints_a_table_and_fails_cleanly_on_a_bad_file(market_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(TOOLS)
-    import inspect_attributes
+def test_inspect_tool_prints_a_table_and_fails_cleanly_on_a_bad_file(market_file, tmp_path, capsys):
+    from torchreid_attrimeter.cli import inspect_attributes
 
     assert inspect_attributes.main([str(market_file)]) == 0
     out = capsys.readouterr().out

@@ -17,16 +17,18 @@ import sys
 import pytest
 import torch
 
+from torchreid_attrimeter import checkpoints as checkpoints_module
 from torchreid_attrimeter import compat
 from torchreid_attrimeter import engine as engine_module
+from torchreid_attrimeter.checkpoints import list_checkpoints
+from torchreid_attrimeter.cli import train as train_tool
+from torchreid_attrimeter.cli.errors import error_line
 from torchreid_attrimeter.config import ConfigError
 from torchreid_attrimeter.data import CorruptImageError
-from torchreid_attrimeter.engine import build_engine, list_checkpoints
+from torchreid_attrimeter.engine import build_engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TOOL = os.path.join(REPO, "tools", "train.py")
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import train as train_tool  # tools/ is not a package
 from tiny_run import tiny_config
 
 
@@ -118,7 +120,7 @@ def test_a_full_disk_while_writing_results_keeps_the_earlier_files(tmp_path, mon
     def full_disk(descriptor):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(engine_module.os, "fsync", full_disk)  # the bytes are written, not stored
+    monkeypatch.setattr(checkpoints_module.os, "fsync", full_disk)  # the bytes are written, not stored
     with pytest.raises(OSError) as raised:
         train_tool.save_results({"run": 2, "big": list(range(1000))}, str(tmp_path))
     monkeypatch.undo()
@@ -168,7 +170,7 @@ def test_an_error_raised_in_a_loader_worker_is_reported_by_its_own_message():
         "Caught CorruptImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
         "last):\n  File \"worker.py\", line 1, in _worker_loop\ntorchreid_attrimeter.data.datasets."
         "CorruptImageError: cannot decode image 'a/0001_c1s1_0001.jpg' (corrupt or truncated?): x\n")
-    assert train_tool.error_line(wrapped) == (
+    assert error_line(wrapped) == (
         "error: cannot decode image 'a/0001_c1s1_0001.jpg' (corrupt or truncated?): x")
 
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.checkpoints import list_checkpoints
 from torchreid_attrimeter.config import ConfigError, get_default_config
 from torchreid_attrimeter.data.synthetic import generate_synthetic_dataset
 from torchreid_attrimeter.distributed import (
@@ -31,7 +31,7 @@ from torchreid_attrimeter.distributed import (
     distributed_train_loader,
     launched_by_torchrun,
 )
-from torchreid_attrimeter.engine import AttriMeterEngine, list_checkpoints
+from torchreid_attrimeter.engine import AttriMeterEngine
 
 TINY_DATASET = {
     "num_train_identities": 8, "num_test_identities": 4, "num_cameras": 2, "min_images_per_identity": 4,
@@ -77,7 +77,7 @@ attrimeter:
 
 def run_worker(out_dir: str, argv: list[str]) -> None:
     """One torchrun process: tools/train.py's main, recording the batches and final weights."""
-    import train as train_tool
+    from torchreid_attrimeter.cli import train as train_tool
 
     seen = []
     original_step = AttriMeterEngine.forward_backward
@@ -165,7 +165,7 @@ def test_two_processes_train_like_one_and_resume_in_one(data_root, tmp_path):
         assert torch.equal(checkpoint["state_dict"][key], value), key
 
     # The same checkpoint resumes in a plain one-process run.
-    import train as train_tool
+    from torchreid_attrimeter.cli import train as train_tool
 
     assert not launched_by_torchrun()
     record = train_tool.main(["--config-file", config, "--resume", "auto", "train.max_epoch", "2"])

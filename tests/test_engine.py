@@ -11,15 +11,9 @@ import torch
 from tiny_run import tiny_config
 
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.checkpoints import ResumeError, latest_checkpoint, list_checkpoints
 from torchreid_attrimeter.config import ConfigError
-from torchreid_attrimeter.engine import (
-    AttriMeterEngine,
-    ResumeError,
-    batch_adre,
-    build_engine,
-    latest_checkpoint,
-    list_checkpoints,
-)
+from torchreid_attrimeter.engine import AttriMeterEngine, batch_adre, build_engine
 
 
 @pytest.fixture(scope="module")

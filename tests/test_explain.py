@@ -17,6 +17,7 @@ from PIL import Image
 import torchreid_attrimeter
 from torchreid_attrimeter import compat
 from torchreid_attrimeter.attributes import get_schema
+from torchreid_attrimeter.checkpoints import load_attrimeter_checkpoint
 from torchreid_attrimeter.data import CorruptImageError
 from torchreid_attrimeter.decomposition import pairwise_components
 from torchreid_attrimeter.evaluation import extract_decompositions
@@ -24,7 +25,6 @@ from torchreid_attrimeter.explain import (
     Explainer,
     ExplainError,
     Explanation,
-    load_attrimeter_checkpoint,
     to_pil_image,
 )
 

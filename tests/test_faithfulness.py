@@ -3,8 +3,8 @@ embedding depends only on two image regions, and an interpreter whose maps are s
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -31,8 +31,18 @@ from torchreid_attrimeter.faithfulness import (
     topk_hit_rate,
 )
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import benchmark_faithfulness as tool
+
+def _load_tool():
+    """tools/benchmark_faithfulness.py, a developer script outside the package, loaded from its file."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "benchmark_faithfulness.py")
+    spec = importlib.util.spec_from_file_location("benchmark_faithfulness", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _load_tool()
 
 HEIGHT, WIDTH, CELL = 16, 8, 4  # images 16x8, feature map 4x2 (one cell = a 4x4 pixel block)
 REGION_A = (slice(0, 2), slice(0, 1))  # feature cells (rows 0-1, column 0) = pixels rows 0-7, columns 0-3

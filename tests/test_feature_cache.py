@@ -48,3 +48,30 @@ def test_cached_batches_decompose_like_images(variant):
         direct = model.decompose(images.flip(3))
     torch.testing.assert_close(cached.embedding, direct.embedding, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(cached.attribute_embeddings, direct.attribute_embeddings, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("variant", ["trunk", "head"])
+def test_the_cached_path_is_the_models_own_computation(variant):
+    # Stored in float32 (no float16 rounding), cached features decompose exactly as images do,
+    # gradients included: the cache runs AttriMeter.decompose_target_features, not a copy of it.
+    torch.manual_seed(0)
+    model = build_attrimeter("osnet_x0_25", 5, variant=variant, attribute_branch=True, image_size=(64, 32))
+    images = torch.randn(4, 3, 64, 32)
+    split = model.target_split
+    with torch.no_grad():
+        states = split.stem(images)
+        maps = split.trunk(states)[0]
+    cache = TargetFeatureCache(maps[:, None], states[:, None] if variant == "trunk" else None,
+                               torch.arange(4), torch.zeros(4, 5), torch.ones(4, 5, dtype=torch.bool))
+    results = []
+    for decompose in (lambda: decompose_cached(model, cache.batch(torch.arange(4), torch.zeros(4, dtype=torch.long))
+                                               ["cached_target"], keep_feature_map=True),
+                      lambda: model.decompose(images, keep_feature_map=True)):
+        model.zero_grad()
+        decomposition = decompose()
+        (decomposition.attribute_embeddings.sum() + decomposition.attribute_logits.sum()).backward()
+        results.append((decomposition.detach(), [parameter.grad.clone() for parameter in model.interpreter_parameters()]))
+    (cached, cached_grads), (direct, direct_grads) = results
+    for name in ("embedding", "attribute_embeddings", "maps", "attribute_logits", "feature_map"):
+        assert torch.equal(getattr(cached, name), getattr(direct, name)), name
+    assert all(torch.equal(a, b) for a, b in zip(cached_grads, direct_grads))

@@ -1,7 +1,8 @@
 """tools/visualize_decomposition.py when things go wrong: a bad checkpoint, an unreadable image, no
-explainable query, a full disk or a failed rename. Each ends with one 'error:' line and exit code 2,
-and leaves the --output folder exactly as it was and no new or half-written folder next to it. A
-report folder holding the user's own files is never replaced."""
+explainable query, a full disk or a failed rename. Each ends with one 'error:' line, exit code 2 for
+bad input and 1 for a failure of the system (full disk, failed rename: cli/errors.py), and leaves the
+--output folder exactly as it was and no new or half-written folder next to it. A report folder
+holding the user's own files is never replaced."""
 
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_report(report_tool, s
                                                                   monkeypatch, which, extra):
     before = _snapshot(old_report)
     monkeypatch.setattr(report, "open", _failing_open(which), raising=False)
-    assert report_tool.main(_arguments(setup, old_report, *extra)) == 2
+    assert report_tool.main(_arguments(setup, old_report, *extra)) == 1
     line = _one_error_line(capsys)
     written_to = str(old_report) + ("-1" if extra == ["--new-folder"] else "")
     assert f"'{written_to}{os.sep}" in line and which in line and "No space left on device" in line
@@ -162,7 +163,7 @@ def test_a_failed_rename_puts_the_previous_report_back(report_tool, setup, tmp_p
         os.replace(source, destination)
 
     monkeypatch.setattr(report.os, "rename", rename)
-    assert report_tool.main(_arguments(setup, old_report, "--overwrite")) == 2
+    assert report_tool.main(_arguments(setup, old_report, "--overwrite")) == 1
     assert str(old_report) in _one_error_line(capsys)
     assert len(renames) == 3  # old aside, new in (fails), old back
     assert _snapshot(old_report) == before

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
 import torch
+from tiny_run import TINY_DATASET, make_synthetic_root, save_untrained_target, tiny_config
 
 from torchreid_attrimeter import compat
-from torchreid_attrimeter.engine import AttriMeterEngine, build_engine, list_checkpoints
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import train as train_tool  # tools/ is not a package
-from tiny_run import TINY_DATASET, make_synthetic_root, save_untrained_target, tiny_config
+from torchreid_attrimeter.checkpoints import list_checkpoints
+from torchreid_attrimeter.cli import train as train_tool
+from torchreid_attrimeter.engine import AttriMeterEngine, build_engine
 
 # 4 training identities x 4 images with P=4, K=2: two batches per epoch.
 SMALL_DATASET = {**TINY_DATASET, "num_train_identities": 4, "num_test_identities": 3}
@@ -107,7 +104,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one_bit_for_bit(workers, data_ro
 
 def test_a_checkpoint_with_random_state_loads_safely_and_in_the_explainer(data_root, weights, tmp_path,
                                                                           no_evaluation):
-    from torchreid_attrimeter.explain import load_attrimeter_checkpoint
+    from torchreid_attrimeter.checkpoints import load_attrimeter_checkpoint
 
     cfg = run_config(data_root, weights, tmp_path / "run", 0, **{"train.max_epoch": 1})
     train_tool.run(cfg)

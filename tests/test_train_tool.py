@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.checkpoints import list_checkpoints
+from torchreid_attrimeter.cli import train as train_tool
 from torchreid_attrimeter.data.synthetic import generate_synthetic_dataset
-from torchreid_attrimeter.engine import AttriMeterEngine, list_checkpoints
+from torchreid_attrimeter.engine import AttriMeterEngine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TOOL = os.path.join(REPO, "tools", "train.py")
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import train as train_tool  # tools/ is not a package
 
 TINY_DATASET = {
     "num_train_identities": 8, "num_test_identities": 6, "num_cameras": 2, "min_images_per_identity": 4,

@@ -153,4 +153,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # imported here, as main() imports the package: loading this file (tests do) stays light
+    from torchreid_attrimeter.cli.errors import run_tool
+
+    sys.exit(run_tool(main))

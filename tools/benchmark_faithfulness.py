@@ -20,8 +20,9 @@ import time
 import numpy as np
 
 from torchreid_attrimeter.attributes import get_schema
+from torchreid_attrimeter.checkpoints import latest_checkpoint
+from torchreid_attrimeter.cli.errors import run_tool
 from torchreid_attrimeter.data.synthetic import DATASET_DIR, load_synthetic_plan
-from torchreid_attrimeter.engine import latest_checkpoint
 from torchreid_attrimeter.explain import Explainer
 from torchreid_attrimeter.faithfulness import (
     attribute_frequencies,
@@ -149,4 +150,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(run_tool(main))

@@ -16,16 +16,15 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.cli.errors import run_tool
 from torchreid_attrimeter.decomposition import pairwise_components
 from torchreid_attrimeter.losses import AttributePriorLoss, DistanceDistillationLoss
 from torchreid_attrimeter.models import build_attrimeter
+from torchreid_attrimeter.models.attrimeter import VARIANTS
 
 
 def interleaved_medians(steps: dict, repeats: int, warmup: int) -> dict:
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--num-attributes", type=int, default=26)
-    parser.add_argument("--variant", choices=("trunk", "head"), default="trunk")
+    parser.add_argument("--variant", choices=VARIANTS, default="trunk")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -134,4 +133,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -20,11 +20,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.checkpoints import latest_checkpoint, list_checkpoints
+from torchreid_attrimeter.cli.errors import run_tool
 from torchreid_attrimeter.config import ConfigError, check_attrimeter_config, engine_run_kwargs, load_config
-from torchreid_attrimeter.engine import ResumeError, build_engine, latest_checkpoint, list_checkpoints
+from torchreid_attrimeter.engine import build_engine
 from torchreid_attrimeter.evaluation import format_table
 
 # Figures quoted by the project's issue 10: the target's, measured on the DukeMTMC-reID development
@@ -176,8 +176,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ResumeError, compat.CheckpointError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_tool(main))

@@ -68,6 +68,10 @@ class AttributeFileError(AttriMeterError, ValueError):
     """An attribute file that cannot be read, or does not match the schema it was read with."""
 
 
+class SchemaError(AttriMeterError, ValueError):
+    """Schema options that do not go together (``include_age`` with a schema that has no age)."""
+
+
 class AttributeIrregularityWarning(UserWarning):
     """The attribute file holds entries that the unknown-label policy had to handle."""
 
@@ -229,7 +233,7 @@ def _build_schema(key: str, include_age: bool) -> AttributeSchema:
     if key == "market1501":
         return _market_schema(include_age)
     if include_age:
-        raise ValueError("include_age applies to the 'market1501' schema only (DukeMTMC has no age)")
+        raise SchemaError("include_age applies to the 'market1501' schema only (DukeMTMC has no age)")
     return _duke_schema()
 
 

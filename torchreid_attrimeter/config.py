@@ -18,16 +18,26 @@ import torch
 from yacs.config import CfgNode as CN
 
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.decomposition import METRICS
 from torchreid_attrimeter.errors import AttriMeterError
+from torchreid_attrimeter.evaluation.evaluator import PAIR_MODES
+from torchreid_attrimeter.feature_cache import FeatureCacheError, check_cacheable_transforms
+from torchreid_attrimeter.models.attrimeter import VARIANTS
 
-INTERPRETER_VARIANTS = ("trunk", "head")
 # Named training recipes: attrimeter keys and the values each preset gives them. A config that sets
 # one of these keys to another value than its preset's is an error (which one would the user mean?).
 PRESETS = {
     "paper": {"weight_probe": 0.0, "weight_probe_remove": 0.0, "weight_place": 0.0},
 }
-EVALUATION_PAIRS = ("all", "topk")
-DISTANCE_METRICS = ("euclidean", "cosine")
+# torchreid's test options the AttriMeter engine refuses, and why: the configuration check and the
+# engine's evaluation (which also takes them as arguments) both refuse them with these words.
+UNSUPPORTED_TEST_OPTIONS = {
+    "test.normalize_feature": "AttriMeter splits the distance of the target's own embeddings (for distances "
+                              "between normalised features set test.dist_metric 'cosine')",
+    "test.rerank": "re-ranking replaces the distances AttriMeter explains",
+    "test.visrank": "the AttriMeter engine does not draw torchreid's ranked lists",
+    "cuhk03.use_metric_cuhk03": "CUHK03 has no attribute labels, so the AttriMeter engine never evaluates on it",
+}
 
 
 class ConfigError(AttriMeterError, ValueError):
@@ -384,8 +394,8 @@ def check_attrimeter_config(cfg: CN) -> None:
             "no target weights: AttriMeter explains a trained model. Set attrimeter.target_weights "
             "(or model.load_weights) to the target's weights file (a torchreid checkpoint or model-zoo file)"
         )
-    if node.variant not in INTERPRETER_VARIANTS:
-        raise ConfigError(f"attrimeter.variant is '{node.variant}': use one of {INTERPRETER_VARIANTS}")
+    if node.variant not in VARIANTS:
+        raise ConfigError(f"attrimeter.variant is '{node.variant}': use one of {VARIANTS}")
     if node.hidden_channels < 1:
         raise ConfigError(
             f"attrimeter.hidden_channels is {node.hidden_channels}: it must be a positive integer"
@@ -407,29 +417,15 @@ def check_attrimeter_config(cfg: CN) -> None:
             f"use warmup_epochs >= 0 and 0 < warmup_factor <= 1"
         )
     metric = distance_metric(cfg)
-    if metric not in DISTANCE_METRICS:
+    if metric not in METRICS:
         raise ConfigError(
             f"distance metric '{metric}' (attrimeter.metric / test.dist_metric): "
-            f"use one of {DISTANCE_METRICS}"
+            f"use one of {METRICS}"
         )
-    if cfg.test.normalize_feature:
-        raise ConfigError(
-            "test.normalize_feature is True: AttriMeter splits the distance of the target's own embeddings; "
-            "for distances between normalised features set test.dist_metric 'cosine' and "
-            "test.normalize_feature False"
-        )
-    if cfg.test.rerank:
-        raise ConfigError(
-            "test.rerank is True: re-ranking replaces the distances AttriMeter explains; "
-            "set test.rerank False"
-        )
-    if cfg.test.visrank:
-        raise ConfigError(
-            "test.visrank is True: the AttriMeter engine does not draw torchreid's ranked lists; set "
-            "test.visrank False"
-        )
-    if node.eval.pairs not in EVALUATION_PAIRS:
-        raise ConfigError(f"attrimeter.eval.pairs is '{node.eval.pairs}': use one of {EVALUATION_PAIRS}")
+    check_test_options(normalize_feature=cfg.test.normalize_feature, rerank=cfg.test.rerank,
+                       visrank=cfg.test.visrank, use_metric_cuhk03=cfg.cuhk03.use_metric_cuhk03)
+    if node.eval.pairs not in PAIR_MODES:
+        raise ConfigError(f"attrimeter.eval.pairs is '{node.eval.pairs}': use one of {PAIR_MODES}")
     if node.eval.pairs == "topk" and node.eval.topk < 1:
         raise ConfigError(
             f"attrimeter.eval.topk is {node.eval.topk}: it must be >= 1 with eval.pairs 'topk'"
@@ -437,15 +433,23 @@ def check_attrimeter_config(cfg: CN) -> None:
     if node.eval.memory_budget_mb <= 0:
         raise ConfigError(f"attrimeter.eval.memory_budget_mb is {node.eval.memory_budget_mb}: it must be > 0")
     if node.cache_target_features:
-        unsupported = [name for name in cfg.data.transforms if name != "random_flip"]
-        if unsupported or cfg.data.k_tfm != 1:
-            raise ConfigError(
-                f"attrimeter.cache_target_features is True but data.transforms is {list(cfg.data.transforms)} "
-                f"(k_tfm {cfg.data.k_tfm}): only 'random_flip' keeps the target's features fixed. Set "
-                f"data.transforms ['random_flip'] and data.k_tfm 1, or attrimeter.cache_target_features False"
-            )
+        try:
+            check_cacheable_transforms(cfg.data.transforms, cfg.data.k_tfm)
+        except FeatureCacheError as error:  # the cache says what it can serve; here it is a config value
+            raise ConfigError(str(error)) from None
     check_numbers(cfg)
     check_sampler_config(cfg)
+
+
+def check_test_options(*, normalize_feature: bool, rerank: bool, visrank: bool, use_metric_cuhk03: bool) -> None:
+    """Refuse the torchreid test options of ``UNSUPPORTED_TEST_OPTIONS`` that are on, naming each
+    with its reason (torchreid's ``Engine.test`` keyword arguments, or the config keys)."""
+    given = {"test.normalize_feature": normalize_feature, "test.rerank": rerank, "test.visrank": visrank,
+             "cuhk03.use_metric_cuhk03": use_metric_cuhk03}
+    refused = [key for key, value in given.items() if value]
+    if refused:
+        reasons = "; ".join(f"{key} is True: {UNSUPPORTED_TEST_OPTIONS[key]}" for key in refused)
+        raise ConfigError(f"{reasons}. Set {' and '.join(refused)} False")
 
 
 def check_numbers(cfg: CN) -> None:

@@ -8,14 +8,9 @@ unfreeze the target or lose finished epochs.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
 import random
-import re
-import uuid
-from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +18,21 @@ from yacs.config import CfgNode as CN
 
 from torchreid_attrimeter import compat
 from torchreid_attrimeter.attributes import attribute_places
+from torchreid_attrimeter.checkpoints import (
+    BEST_CHECKPOINT,
+    ResumeError,
+    attrimeter_record,
+    checkpoint_dir,
+    checkpoint_path,
+    list_checkpoints,
+    read_checkpoint,
+    verify_target,
+    write_file_safely,
+)
 from torchreid_attrimeter.config import (
     ConfigError,
     check_attrimeter_config,
+    check_test_options,
     distance_metric,
     imagedata_kwargs,
     lr_scheduler_kwargs,
@@ -40,7 +47,6 @@ from torchreid_attrimeter.data import (
     set_attribute_file,
 )
 from torchreid_attrimeter.decomposition import Decomposition, pairwise_components
-from torchreid_attrimeter.errors import AttriMeterError
 from torchreid_attrimeter.evaluation import evaluate_model, format_table
 from torchreid_attrimeter.feature_cache import CACHE_KEY, build_cached_train_loader, decompose_cached
 from torchreid_attrimeter.losses import (
@@ -51,88 +57,6 @@ from torchreid_attrimeter.losses import (
     WeightedAttributeBCE,
 )
 from torchreid_attrimeter.models import build_attrimeter
-
-CHECKPOINT_FORMAT = "torchreid-attrimeter/1"
-CHECKPOINT_PATTERN = re.compile(r"^model\.pth\.tar-(\d+)$")
-
-
-class ResumeError(AttriMeterError, RuntimeError):
-    """A checkpoint that does not belong to the configured target, attributes or interpreter."""
-
-
-def checkpoint_dir(save_dir: str) -> str:
-    """Where checkpoints go: ``<save_dir>/model`` (torchreid's Engine names it after the model)."""
-    return os.path.join(save_dir, "model")
-
-
-def list_checkpoints(save_dir: str) -> list[tuple[int, str]]:
-    """(epoch, path) of every ``model.pth.tar-<epoch>`` in ``<save_dir>/model``, by epoch."""
-    found = []
-    for path in glob.glob(os.path.join(checkpoint_dir(save_dir), "model.pth.tar-*")):
-        match = CHECKPOINT_PATTERN.match(os.path.basename(path))
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(save_dir: str) -> str | None:
-    """The checkpoint with the highest epoch in ``<save_dir>/model``; a training run refuses a folder
-    holding another run's checkpoints, so this is the latest of the one run the folder holds."""
-    checkpoints = list_checkpoints(save_dir)
-    return checkpoints[-1][1] if checkpoints else None
-
-
-# --- writing files that survive interruptions ----------------------------------------------------
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make a rename in ``directory`` durable (POSIX); not possible on every OS, hence best effort."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def write_file_safely(path: str, write: Callable[[IO[bytes]], None], overwrite: bool = True) -> None:
-    """Write ``path`` so that it ends up holding everything ``write(stream)`` produced, or is left as
-    it was: the bytes go to a hidden temporary file in the same folder (never named like a
-    checkpoint or results file), are fsync'd, then renamed over ``path``; with ``overwrite=False``
-    the file is linked to ``path`` instead, which fails with FileExistsError if ``path`` exists.
-    Whatever stops the write (an error, a full disk, Ctrl-C) removes the temporary file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    partial = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial")
-    # os.open rather than tempfile: the file gets the umask's permissions, not tempfile's 0600.
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        if overwrite:
-            os.replace(partial, path)
-        else:
-            try:
-                os.link(partial, path)  # atomic, and refuses an existing path
-            except FileExistsError:
-                raise
-            except OSError:  # a file system without hard links: check, then rename
-                if os.path.exists(path):
-                    raise FileExistsError(f"'{path}' exists") from None
-                os.replace(partial, path)
-            else:
-                os.remove(partial)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise
-    _fsync_directory(directory)
-
 
 # --- random-number state, for resumed runs that equal uninterrupted ones -------------------------
 
@@ -492,12 +416,8 @@ class AttriMeterEngine(compat.Engine):
                       use_metric_cuhk03: bool = False, ranks=(1, 5, 10, 20), rerank: bool = False) -> float:
         """Explanation-aware evaluation on every target dataset; returns the interpreter's rank-1
         (a fraction, as torchreid's test does) of the last one, for ``run`` to store in checkpoints."""
-        if normalize_feature or rerank or visrank or use_metric_cuhk03:
-            raise ConfigError(
-                "test.normalize_feature, test.rerank, test.visrank and cuhk03.use_metric_cuhk03 are not "
-                "supported by the AttriMeter engine (they change or draw distances the interpreter does "
-                "not split, or need CUHK03, which has no attribute labels); set them False"
-            )
+        check_test_options(normalize_feature=normalize_feature, rerank=rerank, visrank=visrank,
+                           use_metric_cuhk03=use_metric_cuhk03)
         self.set_model_mode("eval")
         rank1 = 0.0
         for name in self.test_loader:
@@ -533,13 +453,8 @@ class AttriMeterEngine(compat.Engine):
             "state_dict": self.model.interpreter_state_dict(),
             "epoch": epoch + 1,
             "optimizer": self.optimizer.state_dict(),
-            "attrimeter": {
-                "format": CHECKPOINT_FORMAT,
-                "target": dict(self.model.target_spec),
-                "attribute_names": list(self.attribute_names),
-                "schema": self.schema.name,
-                "metric": self.metric,
-            },
+            "attrimeter": attrimeter_record(self.model.target_spec, self.attribute_names, self.schema.name,
+                                            self.metric),
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
@@ -579,7 +494,7 @@ class AttriMeterEngine(compat.Engine):
         """
         directory = checkpoint_dir(save_dir)
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"model.pth.tar-{epoch + 1}")
+        path = checkpoint_path(save_dir, epoch + 1)
         if os.path.exists(path) and path not in self._written_checkpoints:
             raise FileExistsError(
                 f"'{path}' exists and was not written by this run; refusing to overwrite it. Move it away "
@@ -595,21 +510,21 @@ class AttriMeterEngine(compat.Engine):
             os.remove(previous)
         self._rolling_checkpoint = path if rank1 is None else None
         if is_best:
-            self._write_checkpoint(os.path.join(directory, "model-best.pth.tar"),
+            self._write_checkpoint(os.path.join(directory, BEST_CHECKPOINT),
                                    self.checkpoint_state(epoch, rank1))
         return path
 
     def resume(self, path: str) -> int:
         """Load an interpreter checkpoint (weights, optimizer, scheduler); returns the epoch to start
         from. The checkpoint must have been trained for the same target weights and attributes."""
-        checkpoint = compat.load_checkpoint(path, trusted=self.trust_checkpoints)
-        record = checkpoint.get("attrimeter") if isinstance(checkpoint, dict) else None
-        if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
-            raise ResumeError(
-                f"'{path}' is not an AttriMeter checkpoint (no 'attrimeter' record): to explain a target "
-                f"from this file, give it as attrimeter.target_weights, not as model.resume"
-            )
-        check_same_target(record["target"], dict(self.model.target_spec), path)
+        checkpoint, record = read_checkpoint(
+            path, trusted=self.trust_checkpoints, error=ResumeError,
+            fix="to explain a target from this file, give it as attrimeter.target_weights, not as model.resume")
+        spec = self.model.target_spec
+        verify_target(path, record["target"], spec.get("weights"), name=spec.get("name"),
+                      weights_sha256=spec.get("weights_sha256"), error=ResumeError,
+                      fix="use the target it was trained for (attrimeter.target_name / model.name, "
+                          "attrimeter.target_weights / model.load_weights) or start a new data.save_dir")
         if list(record["attribute_names"]) != list(self.attribute_names):
             raise ResumeError(
                 f"'{path}' was trained on the attributes {record['attribute_names']} (schema "
@@ -654,25 +569,6 @@ class AttriMeterEngine(compat.Engine):
         self.resumed_from = path
         self.last_checkpoint, self.last_checkpoint_epoch = path, epoch
         return epoch
-
-
-def check_same_target(saved: dict, current: dict, path: str) -> None:
-    """A checkpoint's target (name, weights content hash) must be the configured one."""
-    if saved.get("name") != current.get("name"):
-        raise ResumeError(
-            f"'{path}' explains the target '{saved.get('name')}', the config's target is "
-            f"'{current.get('name')}' (attrimeter.target_name / model.name): use the same target or "
-            f"start a new data.save_dir"
-        )
-    saved_hash, current_hash = saved.get("weights_sha256"), current.get("weights_sha256")
-    if saved_hash != current_hash:
-        raise ResumeError(
-            f"'{path}' explains '{saved.get('name')}' with the weights '{saved.get('weights')}' "
-            f"(sha256 {str(saved_hash)[:12]}), but the configured weights '{current.get('weights')}' have "
-            f"sha256 {str(current_hash)[:12]}: the target changed since this interpreter was trained. Use "
-            f"the original weights file (attrimeter.target_weights / model.load_weights) or start a new "
-            f"data.save_dir"
-        )
 
 
 def batch_adre(target_distance: torch.Tensor, reconstructed_distance: torch.Tensor) -> float:

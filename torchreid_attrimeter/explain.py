@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.checkpoints import load_attrimeter_checkpoint
 from torchreid_attrimeter.decomposition import Decomposition, check_metric, pairwise_components
 from torchreid_attrimeter.errors import AttriMeterError
 
@@ -740,69 +741,3 @@ def _groups_for(names: tuple[str, ...],
     if ungrouped:
         result["other"] = ungrouped
     return result
-
-
-# --- checkpoints -----------------------------------------------------------------------------------------
-
-
-def load_attrimeter_checkpoint(path: str | os.PathLike, *, target_weights: str | os.PathLike | None = None,
-                               trusted: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Re-create the AttriMeter model of an interpreter checkpoint written by ``AttriMeterEngine``.
-
-    The checkpoint holds the interpreter's weights and an ``attrimeter`` record (target name, weights
-    path and sha256, image size, attribute names, schema, metric); the target is rebuilt from the
-    recorded weights file (or ``target_weights`` if it moved), whose sha256 must match.
-    Returns (model in eval mode, the record).
-    """
-    from torchreid_attrimeter.engine import CHECKPOINT_FORMAT
-    from torchreid_attrimeter.models import build_attrimeter
-    from torchreid_attrimeter.models.attrimeter import _sha256
-
-    path = os.fspath(path)
-    checkpoint = compat.load_checkpoint(path, trusted=trusted)
-    record = checkpoint.get("attrimeter") if isinstance(checkpoint, dict) else None
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
-        raise ExplainError(
-            f"'{path}' is not an AttriMeter interpreter checkpoint (no 'attrimeter' record of format "
-            f"{CHECKPOINT_FORMAT}): give a model.pth.tar-N written by tools/train.py"
-        )
-    target = dict(record["target"])
-    if not target.get("name"):
-        raise ExplainError(
-            f"'{path}' explains a target built from a model object ({target.get('model_class')}), not a "
-            f"torchreid model name, so it cannot be rebuilt from the checkpoint: build the AttriMeter "
-            f"yourself and use Explainer(model, attribute_names, metric, image_size)"
-        )
-    recorded_weights = target.get("weights")
-    weights = os.fspath(target_weights) if target_weights is not None else recorded_weights
-    if weights is None:
-        raise ExplainError(f"'{path}' records no target weights file: pass target_weights=PATH")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"the target weights '{weights}' of the interpreter checkpoint '{path}' are gone (target "
-            f"'{target['name']}', sha256 {str(target.get('weights_sha256'))[:12]}): pass the moved file as "
-            f"target_weights= (tool: --target-weights PATH)"
-        )
-    expected = target.get("weights_sha256")
-    if expected is not None and _sha256(weights) != expected:
-        raise ExplainError(
-            f"the target weights '{weights}' are not the ones the interpreter '{path}' was trained for "
-            f"(sha256 {_sha256(weights)[:12]} instead of {expected[:12]}): the explanation would describe a "
-            f"different model. Use the original weights file."
-        )
-    state_dict = compat.extract_state_dict(checkpoint, source=f"'{path}'")
-    variant = "trunk" if any(key.startswith("interpreter_trunk.") for key in state_dict) else "head"
-    if "head.hidden.weight" not in state_dict:
-        raise ExplainError(f"'{path}' holds no decomposition head weights ('head.hidden.weight')")
-    model = build_attrimeter(
-        target["name"],
-        len(record["attribute_names"]),
-        target_weights=weights,
-        variant=variant,
-        hidden_channels=int(state_dict["head.hidden.weight"].shape[0]),
-        attribute_branch=any(key.startswith("attribute_branch.") for key in state_dict),
-        image_size=tuple(target["image_size"]),
-        trusted=trusted,
-    )
-    model.load_interpreter_state_dict(state_dict)
-    return model.eval(), record

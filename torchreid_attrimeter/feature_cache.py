@@ -166,24 +166,15 @@ class TargetFeatureCache:
 
 def decompose_cached(model: torch.nn.Module, cached: dict, device: torch.device | str = "cpu",
                      keep_feature_map: bool = False) -> Decomposition:
-    """``model.decompose`` from cached target features (a batch's ``CACHE_KEY`` entry): the same
-    computation, minus the frozen stem and trunk."""
-    split = model.target_split
-    feature_map = cached["feature_map"].to(device)
-    with torch.no_grad():
-        embedding = split.tail(feature_map, None)
-    if model.interpreter_trunk is not None:
-        if cached["stem_state"] is None:
-            raise FeatureCacheError("the cache holds no stem output: it was built for the 'head' variant, "
-                                    "the model is a 'trunk' AttriMeter")
-        interpreter_features = model.interpreter_trunk(cached["stem_state"].to(device))
-    else:
-        interpreter_features = feature_map
-    maps = model.head(interpreter_features)
-    attribute_embeddings = split.tail_of_products(feature_map, maps, None)
-    attribute_logits = model.attribute_branch(interpreter_features) if model.attribute_branch is not None else None
-    return Decomposition(embedding, attribute_embeddings, maps, attribute_logits,
-                         feature_map if keep_feature_map else None)
+    """``model.decompose`` from cached target features (a batch's ``CACHE_KEY`` entry): the model's
+    own computation after the frozen stem and trunk (``AttriMeter.decompose_target_features``)."""
+    if model.interpreter_trunk is not None and cached["stem_state"] is None:
+        raise FeatureCacheError("the cache holds no stem output: it was built for the 'head' variant, "
+                                "the model is a 'trunk' AttriMeter")
+    stem_state = None if cached["stem_state"] is None else cached["stem_state"].to(device)
+    # The cache stores no context: TargetFeatureCache.build refuses targets that have one.
+    return model.decompose_target_features(cached["feature_map"].to(device), None, stem_state,
+                                           keep_feature_map=keep_feature_map)
 
 
 class CachedTrainLoader:

@@ -80,6 +80,10 @@ class SyntheticDatasetError(AttriMeterError, RuntimeError):
     """The synthetic dataset folder exists but does not match what was asked for."""
 
 
+class SyntheticParameterError(AttriMeterError, ValueError):
+    """Generator parameters it cannot honour (too few identities, cameras outside 2..6, ...)."""
+
+
 @dataclass(frozen=True)
 class IdentitySpec:
     """One person: Market labels (file values: 1/2 binaries, age 1..4, colour names) and nuisance."""
@@ -289,7 +293,7 @@ def _check_parameters(p: dict) -> None:
     if p["image_height"] < 32 or p["image_width"] < 16:
         problems.append("images must be at least 32x16")
     if problems:
-        raise ValueError("invalid synthetic dataset parameters: " + "; ".join(problems))
+        raise SyntheticParameterError("invalid synthetic dataset parameters: " + "; ".join(problems))
 
 
 def plan_synthetic_dataset(**parameters: Any) -> SyntheticPlan:
@@ -670,7 +674,7 @@ def generate_synthetic_dataset(root: str | os.PathLike, num_identities: int | No
     """
     if num_identities is not None:
         if num_identities < 3:
-            raise ValueError(f"num_identities must be at least 3, got {num_identities}")
+            raise SyntheticParameterError(f"num_identities must be at least 3, got {num_identities}")
         num_test = max(1, round(num_identities * 100 / 500))
         parameters.setdefault("num_train_identities", num_identities - num_test)
         parameters.setdefault("num_test_identities", num_test)

@@ -109,9 +109,27 @@ class AttriMeter(nn.Module):
             state = split.stem(images)
             interpreter_state = clone_state(state) if self.interpreter_trunk is not None else None
             feature_map, context = split.trunk(state)
+        return self.decompose_target_features(feature_map, context, interpreter_state,
+                                              keep_feature_map=keep_feature_map)
+
+    def decompose_target_features(self, feature_map: torch.Tensor, context: Any = None,
+                                  stem_state: Any = None, keep_feature_map: bool = False) -> Decomposition:
+        """``decompose`` after the frozen target's stem and trunk (docs/method.md §2-3): F (B, C, h, w)
+        and the trunk's context give the embedding and, through the maps, the attribute embeddings.
+
+        stem_state: the stem output the 'trunk' variant's interpreter trunk starts from (None for the
+        'head' variant); it must not be a tensor the target's trunk also reads, since some torchreid
+        blocks modify their input in place. The feature cache calls this with stored F and stem
+        outputs, so cached and image training run the same computation.
+        """
+        split = self._split
+        with torch.no_grad():
             embedding = split.tail(feature_map, context)
         if self.interpreter_trunk is not None:
-            interpreter_features = self.interpreter_trunk(interpreter_state)
+            if stem_state is None:
+                raise ValueError("a 'trunk' AttriMeter needs the target's stem output (stem_state) to run its "
+                                 "interpreter trunk")
+            interpreter_features = self.interpreter_trunk(stem_state)
         else:
             interpreter_features = feature_map
         maps = self.head(interpreter_features)
@@ -143,7 +161,9 @@ def _classifier_size(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's content: what ``target_spec['weights_sha256']`` records, and what
+    a checkpoint's target weights are verified with."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -222,7 +242,7 @@ def build_attrimeter(target: str | nn.Module, num_attributes: int,
         "name": name if isinstance(target, str) else None,
         "model_class": f"{type(model).__module__}.{type(model).__name__}",
         "weights": weights_path,
-        "weights_sha256": _sha256(weights_path) if weights_path else None,
+        "weights_sha256": file_sha256(weights_path) if weights_path else None,
         "image_size": image_size,
         "embedding_dim": sizes["embedding_dim"],
     }
