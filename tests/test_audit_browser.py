@@ -6,8 +6,8 @@ when chromium or the playwright package is absent."""
 from __future__ import annotations
 
 import pytest
+from offline_browser import CHROMIUM, launch_chromium, open_offline
 from test_audit import NAMES, seeing_only
-from test_report_browser import CHROMIUM, CHROMIUM_ARGS
 
 from torchreid_attrimeter.audit import AuditRun, compare_audits
 from torchreid_attrimeter.audit_output import audit_section_html, write_audit
@@ -37,24 +37,13 @@ def pages(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with launch_chromium(sync_api) as browser:
         yield browser
-        browser.close()
 
 
 @pytest.mark.parametrize("which", ["audit", "report"])
 def test_the_audit_section_loads_offline_with_every_table_and_chart(browser, pages, which):
-    context = browser.new_context()
-    page = context.new_page()
-    problems = []
-    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
-    page.on("pageerror", lambda error: problems.append(str(error)))
-    page.on("request", lambda request: None if request.url.startswith(("file://", "data:"))
-            else problems.append(f"network request to {request.url}"))
-    page.goto("file://" + pages[which])
-    page.wait_for_load_state("load")
-    try:
+    with open_offline(browser, pages[which]) as (page, problems):
         assert problems == []
         section = page.locator("#model-audit")
         assert section.is_visible()
@@ -69,5 +58,3 @@ def test_the_audit_section_loads_offline_with_every_table_and_chart(browser, pag
         assert images.count() == 4  # two reliance charts, sensitivity, comparison
         widths = images.evaluate_all("images => images.map(image => image.complete ? image.naturalWidth : 0)")
         assert all(width > 0 for width in widths)
-    finally:
-        context.close()

@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 from explain_fixtures import tiny_setup
+from offline_browser import CHROMIUM, launch_chromium, open_offline
 
 from torchreid_attrimeter.attributes import get_schema
 from torchreid_attrimeter.explain import Explainer
 from torchreid_attrimeter.report import ImageRecord, prepare_output_dir, write_report
-
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the playwright Python package is not installed (pip install playwright)")
@@ -48,26 +44,14 @@ def report(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with launch_chromium(sync_api) as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def page(browser, report):
-    context = browser.new_context()
-    page = context.new_page()
-    problems = []
-    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
-    page.on("pageerror", lambda error: problems.append(str(error)))
-    # Everything is embedded: any request beyond the file itself and data: URIs is a failure.
-    page.on("request", lambda request: None if request.url.startswith(("file://", "data:"))
-            else problems.append(f"network request to {request.url}"))
-    page.goto("file://" + report.index)
-    page.wait_for_load_state("load")
-    yield page, problems
-    context.close()
+    with open_offline(browser, report.index) as opened:
+        yield opened
 
 
 def test_report_loads_offline_without_console_errors(page):
