@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from torchreid_attrimeter.decomposition import Decomposition
 from torchreid_attrimeter.errors import AttriMeterError
-from torchreid_attrimeter.evaluation.evaluator import PAIR_CATEGORIES, ExplanationEvaluator, QueryTotals
+from torchreid_attrimeter.evaluation.evaluator import ExplanationEvaluator
+from torchreid_attrimeter.evaluation.query_totals import PAIR_CATEGORIES, QueryTotals
 
 AUDIT_FORMAT = "attrimeter-audit/1"
 # Reliance measures, in the order the tables show them: (key, what it averages).

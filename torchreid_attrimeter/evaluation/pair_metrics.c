@@ -2,7 +2,7 @@
  * native_metrics.py and called through ctypes.
  *
  * It computes, for every query x gallery pair of a tile, exactly what the torch path computes block by
- * block (evaluator._Run.finish_block / block_result and explanation_metrics.pair_explanation_stats):
+ * block (tile_backends.TorchTiles.finish_block / block_sums and explanation_metrics.pair_explanation_stats):
  * the M attribute components from the inner products, their mean (the interpreter's distance), the
  * relative error against the target distance (ADRE histogram), and, when attribute labels are known,
  * the ranking metrics X-mAP_e, X-mAP_c and the per-attribute top-k / agreement counts.
