@@ -38,6 +38,7 @@ __all__ = [
     "AttributeSchema",
     "AttributeTable",
     "Irregularity",
+    "NamedAttributes",
     "SplitLabels",
     "attribute_places",
     "available_schemas",
@@ -128,6 +129,22 @@ class AttributeSchema:
     def file_fields(self) -> tuple[str, ...]:
         """The ``.mat`` fields this schema reads, in first-use order."""
         return tuple(dict.fromkeys(self.sources[name][0] for name in self.attributes))
+
+
+class NamedAttributes:
+    """What a result over the M attributes ``attribute_names`` (in schema order) derives from them: the
+    base of the dataclasses that carry such names (``explain.Explanation``, ``audit.ModelAudit``)."""
+
+    attribute_names: tuple[str, ...]
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attribute_names)
+
+    @property
+    def even_share(self) -> float:
+        """1/M, the share of every attribute if the distance were split evenly."""
+        return 1.0 / self.num_attributes
 
 
 def _binary_sources(names: Iterable[str]) -> dict[str, tuple[str, int, tuple[int, ...]]]:

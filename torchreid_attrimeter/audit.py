@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from torchreid_attrimeter.attributes import NamedAttributes
 from torchreid_attrimeter.decomposition import Decomposition
 from torchreid_attrimeter.errors import AttriMeterError
 from torchreid_attrimeter.evaluation.evaluator import ExplanationEvaluator
@@ -71,7 +72,7 @@ class SplitLabels:
 
 
 @dataclass
-class ModelAudit:
+class ModelAudit(NamedAttributes):
     """The audit of one interpreter (and its target) on one query / gallery set.
 
     ``evaluation`` is the evaluator's own result dict (retrieval, ADRE, X-mAP, per-attribute share
@@ -96,14 +97,6 @@ class ModelAudit:
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint, target, ... (for the JSON)
     worst_queries: int = 10
     examples: int = 3
-
-    @property
-    def num_attributes(self) -> int:
-        return len(self.attribute_names)
-
-    @property
-    def even_share(self) -> float:
-        return 1.0 / self.num_attributes
 
     # --- per-query values (Q, M), NaN where the query has no such pair --------------------------------
 

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from torchreid_attrimeter import compat
+from torchreid_attrimeter.attributes import NamedAttributes
 from torchreid_attrimeter.checkpoints import load_attrimeter_checkpoint
 from torchreid_attrimeter.decomposition import Decomposition, check_metric, pairwise_components
 from torchreid_attrimeter.errors import AttriMeterError
@@ -201,7 +202,7 @@ class AttributeShare(NamedTuple):
 
 
 @dataclass
-class Explanation:
+class Explanation(NamedAttributes):
     """Why the target puts two images at its distance: per-attribute components and their maps.
 
     attribute_components, shares: (M,) in schema order (``attribute_names``).
@@ -229,15 +230,6 @@ class Explanation:
     labels_b: torch.Tensor | None = None
     labels_known_a: torch.Tensor | None = None
     labels_known_b: torch.Tensor | None = None
-
-    @property
-    def num_attributes(self) -> int:
-        return len(self.attribute_names)
-
-    @property
-    def even_share(self) -> float:
-        """1/M, the share of every attribute if the distance were split evenly."""
-        return 1.0 / self.num_attributes
 
     @property
     def reconstructed_distance(self) -> float:
