@@ -15,34 +15,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
-import sys
 import time
 
 import torch
 
+from torchreid_attrimeter.cli.benchmarks import benchmark_parser, parse_benchmark_args, peak_resident_mb
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-query", type=int, default=3368)
-    parser.add_argument("--num-gallery", type=int, default=15913)
-    parser.add_argument("--num-identities", type=int, default=751)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--num-attributes", type=int, default=26)
-    parser.add_argument("--memory-budget-mb", type=float, default=512.0)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch-path", action="store_true", help="time the evaluator's torch path (no C kernel)")
-    parser.add_argument("--quick", action="store_true", help="small sizes (300 x 1,200, D = 64) for a smoke test")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.num_query, args.num_gallery, args.num_identities, args.dim = 300, 1200, 100, 64
-    return args
-
-
-def peak_resident_mb() -> float:
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2 ** 20  # ru_maxrss: KB on Linux, bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return parse_benchmark_args(parser, argv)
 
 
 def main(argv=None) -> dict:

@@ -14,37 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
 import numpy as np
 import torch
 
+from torchreid_attrimeter.cli.benchmarks import benchmark_parser, parse_benchmark_args, peak_resident_mb
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-query", type=int, default=3368)
-    parser.add_argument("--num-gallery", type=int, default=15913)
-    parser.add_argument("--num-identities", type=int, default=751)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--num-attributes", type=int, default=26)
-    parser.add_argument("--memory-budget-mb", type=float, default=512.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="small sizes (300 x 1,200, D = 64) for a smoke test")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--skip-torchreid", action="store_true", help="do not time torchreid's evaluate_rank")
     parser.add_argument("--torch-path", action="store_true",
                         help="also time the evaluator's torch path (what runs without a C compiler) on the same data")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.num_query, args.num_gallery, args.num_identities, args.dim = 300, 1200, 100, 64
-    return args
-
-
-def peak_resident_mb() -> float:
-    # ru_maxrss is in kilobytes on Linux, bytes on macOS.
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return parse_benchmark_args(parser, argv)
 
 
 def random_split(generator: torch.Generator, size: int, args, batch_size: int = 256):
