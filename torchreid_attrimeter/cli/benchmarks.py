@@ -7,7 +7,9 @@ import argparse
 import resource
 import sys
 
-# --quick: a few hundred images, for a smoke test.
+# The sizes, by default Market's; --quick takes a few hundred images instead, for a smoke test. A size
+# given on the command line wins over both.
+MARKET_SIZES = {"num_query": 3368, "num_gallery": 15913, "num_identities": 751, "dim": 512}
 QUICK_SIZES = {"num_query": 300, "num_gallery": 1200, "num_identities": 100, "dim": 64}
 
 
@@ -15,23 +17,29 @@ def benchmark_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the common options: Market's sizes (3,368 x 15,913 images of 751 identities,
     D = 512, M = 26) by default, the evaluator's memory budget, the seed and --quick."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-query", type=int, default=3368)
-    parser.add_argument("--num-gallery", type=int, default=15913)
-    parser.add_argument("--num-identities", type=int, default=751)
-    parser.add_argument("--dim", type=int, default=512)
+    # default None: parse_benchmark_args fills what was not given, from --quick's sizes or Market's.
+    for name, market_size in MARKET_SIZES.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                            help=f"default {market_size} ({QUICK_SIZES[name]} with --quick)")
     parser.add_argument("--num-attributes", type=int, default=26)
     parser.add_argument("--memory-budget-mb", type=float, default=512.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="small sizes (300 x 1,200, D = 64) for a smoke test")
+    parser.add_argument("--quick", action="store_true",
+                        help="small default sizes (300 x 1,200, D = 64) for a smoke test; explicit sizes still win")
     return parser
 
 
 def parse_benchmark_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """``parser.parse_args(argv)``; --quick replaces the sizes by QUICK_SIZES."""
+    """``parser.parse_args(argv)`` with every size not given filled in: from QUICK_SIZES with --quick,
+    else from MARKET_SIZES. ``--quick --num-query 60`` therefore runs 60 queries."""
     args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK_SIZES.items():
+    defaults = QUICK_SIZES if args.quick else MARKET_SIZES
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
             setattr(args, name, value)
+        elif getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive number of images (or dimensions), "
+                         f"got {getattr(args, name)}")
     return args
 
 
