@@ -6,6 +6,10 @@ scripts (setup.py) only call them.
     attrimeter-demo                     cli/demo.py                  (tools/demo.py)
     attrimeter-inspect-attributes       cli/inspect_attributes.py    (tools/inspect_attributes.py)
     attrimeter-make-synthetic-dataset   cli/make_synthetic_dataset.py (tools/make_synthetic_dataset.py)
+    attrimeter-audit                    cli/audit.py                 (tools/audit_model.py)
+
+cli/benchmarks.py is not a tool: it holds what the benchmark scripts on random features share
+(tools/benchmark_evaluator.py, tools/benchmark_audit.py).
 
 Each module can also be run as ``python -m torchreid_attrimeter.cli.<module>``. Every tool ends the
 same way (cli/errors.py): exit status 0 when done, 2 with one ``error: ...`` line for input it
