@@ -26,8 +26,19 @@ from torchreid_attrimeter.models.attrimeter import VARIANTS
 
 # Named training recipes: attrimeter keys and the values each preset gives them. A config that sets
 # one of these keys to another value than its preset's is an error (which one would the user mean?).
+# 'paper': the authors' interpreter losses L_dd + L_ap as this project reproduces them.
+# 'localised': the authors' attribute-recognition branch (L_attr, attrimeter.weight_attr) plus this
+# package's place prior, which moves the maps of attributes with a fixed place (docs/results.md).
 PRESETS = {
-    "paper": {"weight_probe": 0.0, "weight_probe_remove": 0.0, "weight_place": 0.0},
+    "paper": {"attribute_branch": False, "weight_place": 0.0},
+    "localised": {"attribute_branch": True, "weight_place": 5.0},
+}
+# Keys earlier versions accepted and this one no longer has, with why: a config still setting one
+# gets this reason and the fix instead of a bare "unknown key".
+REMOVED_KEYS = {
+    key: "the keep / remove attribute probe was removed because it did not improve the explanations "
+         "(docs/results.md, 'Training signals beyond the paper')"
+    for key in ("attrimeter.weight_probe", "attrimeter.weight_probe_remove")
 }
 # torchreid's test options the AttriMeter engine refuses, and why: the configuration check and the
 # engine's evaluation (which also takes them as arguments) both refuse them with these words.
@@ -188,18 +199,14 @@ def _attrimeter_defaults() -> CN:
     node.weight_dd = 1.0
     node.weight_ap = 10.0
     node.weight_attr = 100.0
-    # Keep / remove probe through the maps (losses.AttributeProbeLoss), beyond the authors' losses:
-    # a per-attribute linear classifier of the target's features pooled under map m must predict
-    # attribute m (keep), and the same classifier under the map's complement must not (remove).
-    # 0 = off (the authors' recipe).
-    node.weight_probe = 0.0
-    node.weight_probe_remove = 0.0
     # Weak spatial prior (losses.PlacePriorLoss): the maps of attributes with a fixed place in a
     # pedestrian crop (attributes.ATTRIBUTE_PLACES: hat, hair, sleeves, lower-body length, ...) keep their
     # mass in that band of rows. 0 = off.
     node.weight_place = 0.0
-    # A named training recipe (PRESETS below) that fills the loss keys it names; '' = the keys as set.
-    # 'paper' is the authors' recipe (no training signal beyond theirs).
+    # A named training recipe (PRESETS above) that fills the keys it names; '' = the keys as set.
+    # 'paper': the authors' losses L_dd + L_ap (attribute_branch False, weight_place 0);
+    # 'localised': their attribute branch (weight_attr) plus the place prior (attribute_branch True,
+    # weight_place 5).
     node.preset = ""
     # Linear learning-rate warm-up in front of train.lr_scheduler (authors: 10 epochs from 0.01 lr).
     node.warmup_epochs = 0
@@ -239,6 +246,9 @@ def _all_keys(node: CN, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_error(full_key: str, source: str) -> ConfigError:
+    if full_key in REMOVED_KEYS:
+        return ConfigError(f"{source}: config key '{full_key}' was removed: {REMOVED_KEYS[full_key]}. "
+                           f"Drop the key.")
     known = _all_keys(get_default_config())
     close = difflib.get_close_matches(full_key, known, n=3, cutoff=0.6)
     suggestion = f" Did you mean {', '.join(repr(key) for key in close)}?" if close else ""
@@ -404,7 +414,7 @@ def check_attrimeter_config(cfg: CN) -> None:
         raise ConfigError(
             f"attrimeter.num_attributes is {node.num_attributes}: use 0 (= from the schema) or M > 0"
         )
-    for key in ("weight_dd", "weight_ap", "weight_attr", "weight_probe", "weight_probe_remove", "weight_place"):
+    for key in ("weight_dd", "weight_ap", "weight_attr", "weight_place"):
         if node[key] < 0:
             raise ConfigError(f"attrimeter.{key} is {node[key]}: loss weights must be >= 0")
     if node.weight_dd == 0 and node.weight_ap == 0:

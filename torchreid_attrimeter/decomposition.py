@@ -23,15 +23,12 @@ class Decomposition:
     attribute_embeddings: (B, M, D) the target tail applied to the feature map times each map.
     maps: (B, M, h, w) positive attribute-guided attention maps, or None when not kept.
     attribute_logits: (B, M) logits of the optional attribute-recognition branch, or None.
-    feature_map: (B, C, h, w) the frozen target's last feature map F, kept only when a training
-        loss reads it (``decompose(..., keep_feature_map=True)``), else None.
     """
 
     embedding: torch.Tensor
     attribute_embeddings: torch.Tensor
     maps: torch.Tensor | None = None
     attribute_logits: torch.Tensor | None = None
-    feature_map: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embedding.shape[0]
@@ -52,7 +49,7 @@ class Decomposition:
     def apply(self, function) -> Decomposition:
         return Decomposition(
             *(None if value is None else function(value) for value in
-              (self.embedding, self.attribute_embeddings, self.maps, self.attribute_logits, self.feature_map))
+              (self.embedding, self.attribute_embeddings, self.maps, self.attribute_logits))
         )
 
     @staticmethod
@@ -62,7 +59,7 @@ class Decomposition:
             return None if any(value is None for value in values) else torch.cat(values)
 
         return Decomposition(*(join(name) for name in
-                               ("embedding", "attribute_embeddings", "maps", "attribute_logits", "feature_map")))
+                               ("embedding", "attribute_embeddings", "maps", "attribute_logits")))
 
 
 @dataclass

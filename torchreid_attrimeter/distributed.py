@@ -324,12 +324,6 @@ class _SilentWriter:
 def make_engine_distributed(engine: Any, cfg: CN, context: DistributedContext) -> None:
     """Give an AttriMeterEngine its per-process loader, a DDP wrapper for training steps and, on
     ranks other than 0, no TensorBoard writer. Call after resuming (every rank loads the checkpoint)."""
-    if getattr(engine, "attribute_probe", None) is not None:
-        # The probe's classifier lives outside the DDP-wrapped model: its gradients would not be averaged.
-        raise ConfigError(
-            "attrimeter.weight_probe / weight_probe_remove are not supported under torchrun yet (the probe's "
-            "classifier would differ between processes): train with one process or set them 0"
-        )
     engine.train_loader = distributed_train_loader(engine.train_loader, cfg, context)
     device_ids = [context.device.index] if context.device.type == "cuda" else None
     # broadcast_buffers=False: BN running statistics are averaged once per epoch (end_epoch) instead

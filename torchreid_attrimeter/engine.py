@@ -51,7 +51,6 @@ from torchreid_attrimeter.evaluation import evaluate_model, format_table
 from torchreid_attrimeter.feature_cache import CACHE_KEY, build_cached_train_loader, decompose_cached
 from torchreid_attrimeter.losses import (
     AttributePriorLoss,
-    AttributeProbeLoss,
     DistanceDistillationLoss,
     PlacePriorLoss,
     WeightedAttributeBCE,
@@ -120,10 +119,8 @@ def _parameter_holder(parameters: list[torch.nn.Parameter]) -> torch.nn.Module:
     return holder
 
 
-def build_optimizer(model: torch.nn.Module, cfg: CN,
-                    training_modules: tuple[torch.nn.Module, ...] = ()) -> torch.optim.Optimizer:
-    """torchreid's optimizer over the interpreter's parameters only, plus those of training-only
-    modules such as the attribute probe (which are not part of the interpreter)."""
+def build_optimizer(model: torch.nn.Module, cfg: CN) -> torch.optim.Optimizer:
+    """torchreid's optimizer over the interpreter's parameters only."""
     if cfg.train.staged_lr:
         raise ConfigError(
             "train.staged_lr is True: AttriMeter trains only its interpreter, there are no base layers "
@@ -132,19 +129,7 @@ def build_optimizer(model: torch.nn.Module, cfg: CN,
     parameters = list(model.interpreter_parameters())
     if not parameters:
         raise ConfigError(f"the AttriMeter model around '{target_name(cfg)}' has no trainable parameters")
-    for module in training_modules:
-        parameters += list(module.parameters())
     return compat.build_optimizer(_parameter_holder(parameters), **optimizer_kwargs(cfg))
-
-
-def build_attribute_probe(model: torch.nn.Module, datamanager) -> AttributeProbeLoss:
-    """The keep / remove probe (attrimeter.weight_probe, weight_probe_remove) for a model's target
-    feature map and the training labels' positive ratios."""
-    channels = getattr(model, "feature_channels", None)
-    if not channels:
-        raise ConfigError("attrimeter.weight_probe needs the target's feature-map channels, which this model "
-                          "does not record: build it with build_attrimeter")
-    return AttributeProbeLoss(model.num_attributes, channels, attribute_positive_ratios(datamanager))
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: CN) -> torch.optim.lr_scheduler.LRScheduler:
@@ -172,9 +157,6 @@ class AttriMeterEngine(compat.Engine):
         scheduler: optional learning-rate scheduler.
         metric: 'euclidean' (plain) or 'cosine', the distance being split.
         weight_dd, weight_ap, weight_attr: loss weights (authors: 1, 10, 100).
-        attribute_probe, weight_probe, weight_probe_remove: the keep / remove probe through the maps
-            (``build_attribute_probe``; its parameters must be in ``optimizer``) and its weights;
-            None / 0 = off, the authors' recipe.
         weight_place: weight of the spatial prior of placed attributes (``PlacePriorLoss``); 0 = off.
         evaluation: keyword arguments for ``evaluate_model`` (pairs, topk, memory_budget_mb, amp).
         trust_checkpoints: open checkpoints that need full unpickling.
@@ -192,9 +174,6 @@ class AttriMeterEngine(compat.Engine):
         weight_dd: float = 1.0,
         weight_ap: float = 10.0,
         weight_attr: float = 100.0,
-        attribute_probe: AttributeProbeLoss | None = None,
-        weight_probe: float = 0.0,
-        weight_probe_remove: float = 0.0,
         weight_place: float = 0.0,
         evaluation: dict | None = None,
         trust_checkpoints: bool = False,
@@ -222,11 +201,6 @@ class AttriMeterEngine(compat.Engine):
         self.metric = metric
         self.weight_dd, self.weight_ap = float(weight_dd), float(weight_ap)
         self.weight_attr = float(weight_attr)
-        self.weight_probe, self.weight_probe_remove = float(weight_probe), float(weight_probe_remove)
-        if (self.weight_probe > 0 or self.weight_probe_remove > 0) and attribute_probe is None:
-            raise ValueError("weight_probe / weight_probe_remove > 0 need attribute_probe (build_attribute_probe, "
-                             "with its parameters given to the optimizer)")
-        self.attribute_probe = attribute_probe.to(self.device) if attribute_probe is not None else None
         self.weight_place = float(weight_place)
         self.place_prior = None
         if self.weight_place > 0:
@@ -291,12 +265,10 @@ class AttriMeterEngine(compat.Engine):
         attributes = data["attributes"].to(self.device)
         attributes_known = data["attributes_known"].to(self.device)
 
-        use_probe = self.attribute_probe is not None
         if CACHE_KEY in data:  # attrimeter.cache_target_features: the frozen target's part is cached
-            decomposition: Decomposition = decompose_cached(self.model, data[CACHE_KEY], self.device,
-                                                            keep_feature_map=use_probe)
+            decomposition: Decomposition = decompose_cached(self.model, data[CACHE_KEY], self.device)
         else:
-            decomposition = self.training_model(data["img"].to(self.device), keep_feature_map=use_probe)
+            decomposition = self.training_model(data["img"].to(self.device))
         distances = pairwise_components(decomposition, decomposition, self.metric)
         loss_dd = self.distance_distillation(distances)
         loss_ap = self.attribute_prior(distances, attributes, attributes_known)
@@ -307,13 +279,6 @@ class AttriMeterEngine(compat.Engine):
                                                    attributes_known)
             loss = loss + self.weight_attr * loss_attr
             summary["loss_attr"] = loss_attr.item()
-        if use_probe:
-            keep, remove = self.attribute_probe(decomposition.feature_map, decomposition.maps, attributes,
-                                                attributes_known, with_remove=self.weight_probe_remove > 0)
-            loss = loss + self.weight_probe * keep + self.weight_probe_remove * remove
-            summary["loss_keep"] = keep.item()
-            if self.weight_probe_remove > 0:
-                summary["loss_remove"] = remove.item()
         if self.place_prior is not None:
             loss_place = self.place_prior(decomposition.maps)
             loss = loss + self.weight_place * loss_place
@@ -458,8 +423,6 @@ class AttriMeterEngine(compat.Engine):
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
-        if self.attribute_probe is not None:  # training-only: explanations never read it
-            state["attribute_probe"] = self.attribute_probe.state_dict()
         if rank1 is not None:
             # torchreid stores cmc[0], a numpy scalar that torch >= 2.6 refuses to load safely.
             state["rank1"] = float(rank1)
@@ -520,6 +483,14 @@ class AttriMeterEngine(compat.Engine):
         checkpoint, record = read_checkpoint(
             path, trusted=self.trust_checkpoints, error=ResumeError,
             fix="to explain a target from this file, give it as attrimeter.target_weights, not as model.resume")
+        if "attribute_probe" in checkpoint:
+            # Written by versions with the keep / remove probe: its optimizer state covers the probe's
+            # classifier too, and the run's loss cannot be continued without it.
+            raise ResumeError(
+                f"'{path}' was trained with the keep / remove attribute probe (attrimeter.weight_probe), which "
+                f"was removed: it did not improve the explanations (docs/results.md). Its losses cannot "
+                f"continue: start a new data.save_dir. The checkpoint still explains "
+                f"(Explainer.from_checkpoint, tools/visualize_decomposition.py).")
         spec = self.model.target_spec
         verify_target(path, record["target"], spec.get("weights"), name=spec.get("name"),
                       weights_sha256=spec.get("weights_sha256"), error=ResumeError,
@@ -543,17 +514,6 @@ class AttriMeterEngine(compat.Engine):
                 f"'{path}' holds an interpreter of another shape (attrimeter.variant / hidden_channels / "
                 f"attribute_branch differ from the config): {str(error).splitlines()[0]}"
             ) from None
-        if self.attribute_probe is not None:
-            if "attribute_probe" not in checkpoint:
-                raise ResumeError(
-                    f"'{path}' was trained without the attribute probe, the config turns it on "
-                    f"(attrimeter.weight_probe / weight_probe_remove): resume with the same losses or start "
-                    f"a new data.save_dir")
-            self.attribute_probe.load_state_dict(checkpoint["attribute_probe"])
-        elif "attribute_probe" in checkpoint:
-            raise ResumeError(
-                f"'{path}' was trained with the attribute probe, the config turns it off (attrimeter."
-                f"weight_probe / weight_probe_remove 0): resume with the same losses or start a new data.save_dir")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None and "scheduler" in checkpoint:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -708,10 +668,7 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
             f"(or model.name) to the architecture '{weights}' was trained with, or give that model's "
             f"weights (attrimeter.target_weights / model.load_weights)"
         ) from None
-    attribute_probe = None
-    if cfg.attrimeter.weight_probe > 0 or cfg.attrimeter.weight_probe_remove > 0:
-        attribute_probe = build_attribute_probe(model, datamanager)
-    optimizer = build_optimizer(model, cfg, () if attribute_probe is None else (attribute_probe,))
+    optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg)
     evaluation = {
         "pairs": cfg.attrimeter.eval.pairs,
@@ -728,9 +685,6 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
         weight_dd=cfg.attrimeter.weight_dd,
         weight_ap=cfg.attrimeter.weight_ap,
         weight_attr=cfg.attrimeter.weight_attr,
-        attribute_probe=attribute_probe,
-        weight_probe=cfg.attrimeter.weight_probe,
-        weight_probe_remove=cfg.attrimeter.weight_probe_remove,
         weight_place=cfg.attrimeter.weight_place,
         evaluation=evaluation,
         trust_checkpoints=cfg.attrimeter.trust_checkpoints,

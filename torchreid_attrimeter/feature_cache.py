@@ -164,8 +164,7 @@ class TargetFeatureCache:
                 "attributes_known": self.attributes_known[indices]}
 
 
-def decompose_cached(model: torch.nn.Module, cached: dict, device: torch.device | str = "cpu",
-                     keep_feature_map: bool = False) -> Decomposition:
+def decompose_cached(model: torch.nn.Module, cached: dict, device: torch.device | str = "cpu") -> Decomposition:
     """``model.decompose`` from cached target features (a batch's ``CACHE_KEY`` entry): the model's
     own computation after the frozen stem and trunk (``AttriMeter.decompose_target_features``)."""
     if model.interpreter_trunk is not None and cached["stem_state"] is None:
@@ -173,8 +172,7 @@ def decompose_cached(model: torch.nn.Module, cached: dict, device: torch.device 
                                 "the model is a 'trunk' AttriMeter")
     stem_state = None if cached["stem_state"] is None else cached["stem_state"].to(device)
     # The cache stores no context: TargetFeatureCache.build refuses targets that have one.
-    return model.decompose_target_features(cached["feature_map"].to(device), None, stem_state,
-                                           keep_feature_map=keep_feature_map)
+    return model.decompose_target_features(cached["feature_map"].to(device), None, stem_state)
 
 
 class CachedTrainLoader:

@@ -1,10 +1,8 @@
-"""The interpreter's losses (docs/method.md §4): distance distillation, attribute prior and the
-frequency-weighted attribute BCE. The training batch is compared with itself, so every loss over
-pairs excludes the diagonal pairs i == j."""
+"""The interpreter's losses (docs/method.md §4): distance distillation, attribute prior, the
+frequency-weighted attribute BCE, and the optional place prior. The training batch is compared with
+itself, so every loss over pairs excludes the diagonal pairs i == j."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -153,106 +151,6 @@ class WeightedAttributeBCE(nn.Module):
         return (per_label * weights * known_weight).sum() / count
 
 
-def attention_pool(feature_map: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """g^m = sum_s A^m_s F_s / sum_s A^m_s: the target's features averaged under each map, weighted
-    by the map's spatially normalised values (so the result does not depend on the map's scale,
-    which the distillation sets). feature_map (B, C, h, w), maps (B, M, h, w) -> (B, M, C)."""
-    if feature_map.dim() != 4 or maps.dim() != 4 or feature_map.shape[0] != maps.shape[0] \
-            or feature_map.shape[2:] != maps.shape[2:]:
-        raise ValueError(f"attention pooling needs F (B, C, h, w) and maps (B, M, h, w) of one batch and grid, "
-                         f"got {tuple(feature_map.shape)} and {tuple(maps.shape)}")
-    weights = maps.flatten(2)
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(_EPSILON)
-    return torch.einsum("bms,bcs->bmc", weights, feature_map.flatten(2).to(weights.dtype))
-
-
-def complement_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Where each map is not: 1 - A^m / max_s A^m, plus a small floor so a flat map's complement is
-    the uniform map (everything), not undefined. maps (B, M, h, w) -> (B, M, h, w) in [floor, 1 + floor]."""
-    peak = maps.flatten(2).amax(-1).clamp_min(_EPSILON)[..., None, None]
-    return 1.0 - maps / peak + _COMPLEMENT_FLOOR
-
-
-# A flat map's complement is this uniform floor: the whole image, which then must not predict m. Not
-# smaller: the pooling divides by the complement's sum, so a tiny floor makes nearly flat maps'
-# gradients explode.
-_COMPLEMENT_FLOOR = 0.05
-
-
-class AttributeProbeLoss(nn.Module):
-    """Keep / remove probe through the interpreter's maps (after Dabkowski & Gal 2017, Fong et al.
-    2019), with the attribute labels the prior already uses.
-
-    keep:   per attribute m a linear classifier w_m . g^m + b_m of the target's features pooled
-            under map m (``attention_pool``), class-balanced BCE on the known labels. The classifier
-            is trained with the maps, so a map that gathers the cells where m is visible lowers it.
-    remove: the same classifier (frozen for this term) on the features pooled under the map's
-            complement (``complement_maps``) should do no better than chance: per attribute,
-            ReLU(log 2 - its class-balanced BCE), log 2 being the balanced BCE of an uninformed
-            prediction. What the map leaves out should not tell m (a complement that merely
-            predicts noisily is not penalised).
-    Class balance: positives of m weigh 1 / (2 r_m), negatives 1 / (2 (1 - r_m)), r_m the positive
-    ratio of m in the training labels (clamped to [0.01, 0.99]).
-
-    Only the maps and the probe's own classifier receive gradients; F is the frozen target's.
-    Returns (keep, remove) losses, both averaged over the known labels.
-    """
-
-    positive_ratios: torch.Tensor
-
-    def __init__(self, num_attributes: int, channels: int, positive_ratios: torch.Tensor):
-        super().__init__()
-        ratios = torch.as_tensor(positive_ratios, dtype=torch.float32)
-        if ratios.shape != (num_attributes,):
-            raise ValueError(f"positive_ratios must have one ratio per attribute ({num_attributes}), got shape "
-                             f"{tuple(ratios.shape)}")
-        if not torch.isfinite(ratios).all() or (ratios < 0).any() or (ratios > 1).any():
-            raise ValueError(f"positive_ratios must lie in [0, 1], got {ratios.tolist()}")
-        self.register_buffer("positive_ratios", ratios.clamp(0.01, 0.99))
-        self.weight = nn.Parameter(torch.zeros(num_attributes, channels))
-        self.bias = nn.Parameter(torch.zeros(num_attributes))
-
-    def logits(self, pooled: torch.Tensor, detach_classifier: bool = False) -> torch.Tensor:
-        """pooled (B, M, C) -> logits (B, M)."""
-        weight, bias = (self.weight.detach(), self.bias.detach()) if detach_classifier else (self.weight, self.bias)
-        return (pooled * weight).sum(-1) + bias
-
-    def _label_weights(self, attributes: torch.Tensor, known: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        ratios = self.positive_ratios.to(dtype)
-        balance = torch.where(attributes > 0.5, 0.5 / ratios, 0.5 / (1.0 - ratios))
-        return balance * known.to(dtype)
-
-    def forward(self, feature_map: torch.Tensor, maps: torch.Tensor, attributes: torch.Tensor,
-                attributes_known: torch.Tensor | None = None,
-                with_remove: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """feature_map (B, C, h, w) of the frozen target, maps (B, M, h, w), attributes (B, M) in
-        {0, 1}, attributes_known (B, M) bool -> (keep, remove) scalars."""
-        num_attributes, channels = self.weight.shape
-        if maps.shape[1] != num_attributes or feature_map.shape[1] != channels:
-            raise ValueError(f"the probe was built for {num_attributes} maps over {channels} channels, got maps "
-                             f"{tuple(maps.shape)} and F {tuple(feature_map.shape)}")
-        known = _check_attribute_labels(attributes, attributes_known, num_attributes, maps.shape[0], "attribute probe")
-        feature_map = feature_map.detach()
-        targets = attributes.to(maps.dtype)
-        weights = self._label_weights(targets, known, maps.dtype)
-        count = known.to(maps.dtype).sum()
-        if count == 0:
-            zero = maps.sum() * 0.0 + self.weight.sum() * 0.0
-            return zero, zero
-        keep_logits = self.logits(attention_pool(feature_map, maps))
-        keep = (functional.binary_cross_entropy_with_logits(keep_logits, targets, reduction="none")
-                * weights).sum() / count
-        if not with_remove:
-            return keep, keep.new_zeros(())
-        remove_logits = self.logits(attention_pool(feature_map, complement_maps(maps)), detach_classifier=True)
-        remove_bce = functional.binary_cross_entropy_with_logits(remove_logits, targets, reduction="none")
-        weight_sums = weights.sum(0)  # per attribute
-        has_labels = weight_sums > 0
-        balanced_bce = (remove_bce * weights).sum(0) / weight_sums.clamp_min(_EPSILON)
-        remove = functional.relu(math.log(2.0) - balanced_bce)[has_labels].mean()
-        return keep, remove
-
-
 class PlacePriorLoss(nn.Module):
     """A weak spatial prior for attributes that have a place in an upright pedestrian crop (hat and
     hair at the top, lower-body length at the legs; ``attributes.ATTRIBUTE_PLACES``): per such map,
@@ -292,10 +190,7 @@ class PlacePriorLoss(nn.Module):
 
 __all__ = [
     "AttributePriorLoss",
-    "AttributeProbeLoss",
     "DistanceDistillationLoss",
     "PlacePriorLoss",
     "WeightedAttributeBCE",
-    "attention_pool",
-    "complement_maps",
 ]

@@ -40,15 +40,12 @@ class AttriMeter(nn.Module):
 
     def __init__(self, split: TargetSplit, num_attributes: int, interpreter_channels: int,
                  interpreter_trunk: nn.Module | None = None, hidden_channels: int = 256,
-                 attribute_branch: bool = False, target_spec: dict | None = None,
-                 feature_channels: int | None = None):
+                 attribute_branch: bool = False, target_spec: dict | None = None):
         super().__init__()
         self.target = split.target
         self._split = split  # a plain object holding references into self.target (no second copy)
         self.variant = "trunk" if interpreter_trunk is not None else "head"
         self.num_attributes = num_attributes
-        # C of the target's feature map F (what a probe over F ⊙ A^m reads); None if not measured.
-        self.feature_channels = feature_channels
         self.target_spec = dict(target_spec or {})
         self.interpreter_trunk = interpreter_trunk
         self.head = AttributeDecompositionHead(interpreter_channels, num_attributes, hidden_channels)
@@ -93,27 +90,25 @@ class AttriMeter(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
 
-    def forward(self, images: torch.Tensor, keep_feature_map: bool = False) -> torch.Tensor | Decomposition:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | Decomposition:
         if self.training:
-            return self.decompose(images, keep_feature_map=keep_feature_map)
+            return self.decompose(images)
         _check_images(images)
         return self.target(images)
 
-    def decompose(self, images: torch.Tensor, keep_feature_map: bool = False) -> Decomposition:
+    def decompose(self, images: torch.Tensor) -> Decomposition:
         """images (B, 3, H, W) -> Decomposition: embedding (B, D), attribute_embeddings (B, M, D),
-        maps (B, M, h, w), attribute_logits (B, M) or None, and with ``keep_feature_map`` the
-        target's feature map F (B, C, h, w). Works in train and eval mode."""
+        maps (B, M, h, w), attribute_logits (B, M) or None. Works in train and eval mode."""
         _check_images(images)
         split = self._split
         with torch.no_grad():
             state = split.stem(images)
             interpreter_state = clone_state(state) if self.interpreter_trunk is not None else None
             feature_map, context = split.trunk(state)
-        return self.decompose_target_features(feature_map, context, interpreter_state,
-                                              keep_feature_map=keep_feature_map)
+        return self.decompose_target_features(feature_map, context, interpreter_state)
 
     def decompose_target_features(self, feature_map: torch.Tensor, context: Any = None,
-                                  stem_state: Any = None, keep_feature_map: bool = False) -> Decomposition:
+                                  stem_state: Any = None) -> Decomposition:
         """``decompose`` after the frozen target's stem and trunk (docs/method.md §2-3): F (B, C, h, w)
         and the trunk's context give the embedding and, through the maps, the attribute embeddings.
 
@@ -137,8 +132,7 @@ class AttriMeter(nn.Module):
         attribute_logits = None
         if self.attribute_branch is not None:
             attribute_logits = self.attribute_branch(interpreter_features)
-        return Decomposition(embedding, attribute_embeddings, maps, attribute_logits,
-                             feature_map if keep_feature_map else None)
+        return Decomposition(embedding, attribute_embeddings, maps, attribute_logits)
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -248,8 +242,7 @@ def build_attrimeter(target: str | nn.Module, num_attributes: int,
     }
     return AttriMeter(split, num_attributes, interpreter_channels=sizes["interpreter_channels"],
                       interpreter_trunk=interpreter_trunk, hidden_channels=hidden_channels,
-                      attribute_branch=attribute_branch, target_spec=target_spec,
-                      feature_channels=sizes["feature_map_channels"])
+                      attribute_branch=attribute_branch, target_spec=target_spec)
 
 
 def describe(model: AttriMeter) -> dict[str, Any]:
