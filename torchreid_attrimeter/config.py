@@ -203,10 +203,8 @@ def _attrimeter_defaults() -> CN:
     # pedestrian crop (attributes.ATTRIBUTE_PLACES: hat, hair, sleeves, lower-body length, ...) keep their
     # mass in that band of rows. 0 = off.
     node.weight_place = 0.0
-    # A named training recipe (PRESETS above) that fills the keys it names; '' = the keys as set.
-    # 'paper': the authors' losses L_dd + L_ap (attribute_branch False, weight_place 0);
-    # 'localised': their attribute branch (weight_attr) plus the place prior (attribute_branch True,
-    # weight_place 5).
+    # A named training recipe (PRESETS above: 'paper', 'localised') that fills the keys it names;
+    # '' = the keys as set.
     node.preset = ""
     # Linear learning-rate warm-up in front of train.lr_scheduler (authors: 10 epochs from 0.01 lr).
     node.warmup_epochs = 0

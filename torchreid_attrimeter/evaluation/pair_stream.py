@@ -17,11 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchreid_attrimeter.decomposition import (
-    SQUARED_DISTANCE_FLOOR,
-    distance_terms,
-    pairwise_distance,
-)
+from torchreid_attrimeter.decomposition import distance_terms, distances_from_products, pairwise_distance
 from torchreid_attrimeter.evaluation.query_totals import QueryTotals
 from torchreid_attrimeter.evaluation.ranking import GalleryIdentities, QueryRankStats, query_rank_stats
 from torchreid_attrimeter.evaluation.run_options import RunOptions
@@ -236,12 +232,11 @@ class PairStream:
         available = torch.isfinite(best.values).cpu()
         # The rank-1 pairs' components, from the same distance terms as the tiles' (one pair per query).
         gallery_attributes, gallery_norms = self.gallery_terms(first.to(self.device))
-        products = (query_attributes * gallery_attributes).sum(-1)  # (M, q)
-        if query_norms is None:
-            components = 1.0 - products
-        else:
-            squared = torch.add(query_norms, products, alpha=-2.0) + gallery_norms
-            components = squared.clamp_min(SQUARED_DISTANCE_FLOOR).sqrt()
+        # Aligned pairs as (M, q) batches of 1 x 1 products, so the tiles' distances_from_products applies.
+        products = (query_attributes * gallery_attributes).sum(-1)[..., None, None]  # (M, q, 1, 1)
+        components = distances_from_products(
+            products, None if query_norms is None else query_norms[..., None],
+            None if gallery_norms is None else gallery_norms[..., None], self.metric)[..., 0, 0]
         components = components.t().float().cpu()  # (q, M)
         total = components.sum(1, keepdim=True)
         shares = torch.where(total > 0, components / total.clamp_min(torch.finfo(torch.float32).tiny),
