@@ -19,7 +19,6 @@ import torch
 
 from torchreid_attrimeter import checkpoints as checkpoints_module
 from torchreid_attrimeter import compat
-from torchreid_attrimeter import engine as engine_module
 from torchreid_attrimeter.checkpoints import list_checkpoints
 from torchreid_attrimeter.cli import train as train_tool
 from torchreid_attrimeter.cli.errors import error_line
@@ -82,7 +81,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(engine, tmp_pat
     first = engine.save_model(0, None, save_dir)  # a rolling (not evaluated) checkpoint
     before = compat.load_checkpoint(first)
 
-    monkeypatch.setattr(engine_module.torch, "save", _save_that_dies_midway(error))
+    monkeypatch.setattr(checkpoints_module.torch, "save", _save_that_dies_midway(error))
     expected = _Killed if isinstance(error, _Killed) else OSError
     with pytest.raises(expected) as raised:
         engine.save_model(1, None, save_dir)
@@ -95,7 +94,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(engine, tmp_pat
     assert after["epoch"] == before["epoch"] == 1
     for key, value in before["state_dict"].items():
         assert torch.equal(value, after["state_dict"][key])
-    engine._rolling_checkpoint = None  # the shared engine's next test starts afresh
+    engine.checkpoints.rolling = None  # the shared engine's next test starts afresh
 
 
 def test_a_truncated_checkpoint_is_reported_as_unreadable_on_resume(engine, tmp_path):
@@ -106,7 +105,7 @@ def test_a_truncated_checkpoint_is_reported_as_unreadable_on_resume(engine, tmp_
         handle.write(data[: len(data) // 2])
     with pytest.raises(compat.UnreadableCheckpointError, match="model.pth.tar-1.*truncated or corrupt"):
         engine.resume(path)
-    engine._rolling_checkpoint = None
+    engine.checkpoints.rolling = None
 
 
 # --- (b) results -------------------------------------------------------------------------------------

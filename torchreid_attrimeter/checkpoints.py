@@ -123,6 +123,88 @@ def write_file_safely(path: str, write: Callable[[IO[bytes]], None], overwrite: 
     _fsync_directory(directory)
 
 
+# --- one training run's checkpoints ------------------------------------------------------------------
+
+
+class CheckpointWriter:
+    """The checkpoints one training run writes into ``<save_dir>/model``, under torchreid's names.
+
+    One folder holds one run: a fresh run refuses a folder with checkpoints, a resumed one a folder
+    that is not the one it resumed from or that holds checkpoints later than where it starts, because
+    ``--evaluate`` and ``--resume auto`` take the folder's latest checkpoint. A file this run did not
+    write is never replaced. A checkpoint written after an epoch without evaluation ("rolling") is
+    removed when the next one is written; evaluated ones stay.
+    """
+
+    def __init__(self) -> None:
+        self.written: set[str] = set()
+        self.rolling: str | None = None
+
+    def check_folder(self, save_dir: str, start_epoch: int, resumed_from: str | None) -> None:
+        """Raise FileExistsError, naming the folder and the fix, when ``save_dir`` holds checkpoints of
+        another run, or of this run later than ``start_epoch``."""
+        found = list_checkpoints(save_dir)
+        if not found:
+            return
+        directory = checkpoint_dir(save_dir)
+        names = [os.path.basename(path) for _, path in found]
+        shown = ", ".join(names) if len(names) <= 3 else f"{len(names)} checkpoints, {names[0]} to {names[-1]}"
+        resumed_here = resumed_from is not None and os.path.samefile(
+            os.path.dirname(os.path.abspath(resumed_from)), directory)
+        if not resumed_here:
+            started = f"resumed from '{resumed_from}', outside that folder," if resumed_from else "fresh"
+            raise FileExistsError(
+                f"data.save_dir '{save_dir}' holds the checkpoints of another run in '{directory}' "
+                f"({shown}); this {started} run would mix its checkpoints and results with them, and "
+                f"--evaluate / --resume auto would pick up the other run's latest. Set another "
+                f"data.save_dir for a new run, or continue that run with --resume auto (model.resume auto)."
+            )
+        later = [name for (epoch, _), name in zip(found, names) if epoch > start_epoch]
+        if later:
+            raise FileExistsError(
+                f"'{directory}' already holds checkpoints of a run that got further than epoch "
+                f"{start_epoch} ({', '.join(later)}); training from '{resumed_from}' would branch off "
+                f"it and overwrite them. Resume the latest one (model.resume auto, or --resume PATH), or "
+                f"set another data.save_dir."
+            )
+
+    def save(self, save_dir: str, epoch: int, state: dict, *, rolling: bool, is_best: bool = False) -> str:
+        """Write ``state`` as ``<save_dir>/model/model.pth.tar-<epoch>`` (and as the best checkpoint
+        when ``is_best``) through a temporary file, so an interruption leaves no broken checkpoint;
+        returns the path. A failed write raises OSError naming the file."""
+        directory = checkpoint_dir(save_dir)
+        os.makedirs(directory, exist_ok=True)
+        path = checkpoint_path(save_dir, epoch)
+        if os.path.exists(path) and path not in self.written:
+            raise FileExistsError(
+                f"'{path}' exists and was not written by this run; refusing to overwrite it. Move it away "
+                f"or set another data.save_dir."
+            )
+        _write_checkpoint(path, state)
+        self.written.add(path)
+        print(f'Checkpoint saved to "{path}"')
+
+        previous = self.rolling
+        if (previous is not None and previous != path and os.path.dirname(previous) == directory
+                and os.path.exists(previous)):
+            os.remove(previous)
+        self.rolling = path if rolling else None
+        if is_best:
+            _write_checkpoint(os.path.join(directory, BEST_CHECKPOINT), state)
+        return path
+
+
+def _write_checkpoint(path: str, state: dict) -> None:
+    try:
+        write_file_safely(path, lambda stream: torch.save(state, stream))
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+        raise OSError(
+            f"could not write the checkpoint '{path}' ({str(error).strip().splitlines()[0]}); the "
+            f"checkpoints written before are untouched. Free disk space or fix the folder's "
+            f"permissions, then continue with --resume auto"
+        ) from error
+
+
 # --- the record ----------------------------------------------------------------------------------------
 
 

@@ -19,15 +19,11 @@ from yacs.config import CfgNode as CN
 from torchreid_attrimeter import compat
 from torchreid_attrimeter.attributes import attribute_places
 from torchreid_attrimeter.checkpoints import (
-    BEST_CHECKPOINT,
+    CheckpointWriter,
     ResumeError,
     attrimeter_record,
-    checkpoint_dir,
-    checkpoint_path,
-    list_checkpoints,
     read_checkpoint,
     verify_target,
-    write_file_safely,
 )
 from torchreid_attrimeter.config import (
     ConfigError,
@@ -217,8 +213,7 @@ class AttriMeterEngine(compat.Engine):
 
         self.test_results: dict[str, dict] = {}
         self.save_dir: str | None = None
-        self._written_checkpoints: set[str] = set()
-        self._rolling_checkpoint: str | None = None
+        self.checkpoints = CheckpointWriter()
         # The checkpoint this run resumed from (None: a fresh run), and the one its results belong
         # to (the last one it wrote or, when it trained nothing, the one it loaded) with its epoch.
         self.resumed_from: str | None = None
@@ -313,7 +308,7 @@ class AttriMeterEngine(compat.Engine):
                 print(f"=> Already trained to epoch {start_epoch} of {max_epoch}: evaluating only")
                 test_only = True
             else:
-                self._on_main_process(self._check_save_dir_is_this_runs, save_dir, start_epoch,
+                self._on_main_process(self.checkpoints.check_folder, save_dir, start_epoch, self.resumed_from,
                                       what="checking data.save_dir")
         super().run(save_dir=save_dir, max_epoch=max_epoch, start_epoch=start_epoch, test_only=test_only,
                     **kwargs)
@@ -333,35 +328,6 @@ class AttriMeterEngine(compat.Engine):
         # torchreid saves only after an evaluation; an interrupted run must not lose finished epochs.
         if self.save_dir is not None:
             self.save_model(self.epoch, None, self.save_dir)
-
-    def _check_save_dir_is_this_runs(self, save_dir: str, start_epoch: int) -> None:
-        """A fresh run needs a folder without checkpoints; a resumed one, a folder whose checkpoints
-        are its own (it resumed from one of them) and none later than where it starts."""
-        found = list_checkpoints(save_dir)
-        if not found:
-            return
-        directory = checkpoint_dir(save_dir)
-        names = [os.path.basename(path) for _, path in found]
-        shown = ", ".join(names) if len(names) <= 3 else f"{len(names)} checkpoints, {names[0]} to {names[-1]}"
-        resumed_here = self.resumed_from is not None and os.path.samefile(
-            os.path.dirname(os.path.abspath(self.resumed_from)), directory)
-        if not resumed_here:
-            started = (f"resumed from '{self.resumed_from}', outside that folder," if self.resumed_from
-                       else "fresh")
-            raise FileExistsError(
-                f"data.save_dir '{save_dir}' holds the checkpoints of another run in '{directory}' "
-                f"({shown}); this {started} run would mix its checkpoints and results with them, and "
-                f"--evaluate / --resume auto would pick up the other run's latest. Set another "
-                f"data.save_dir for a new run, or continue that run with --resume auto (model.resume auto)."
-            )
-        later = [name for (epoch, _), name in zip(found, names) if epoch > start_epoch]
-        if later:
-            raise FileExistsError(
-                f"'{directory}' already holds checkpoints of a run that got further than epoch "
-                f"{start_epoch} ({', '.join(later)}); training from '{self.resumed_from}' would branch off "
-                f"it and overwrite them. Resume the latest one (model.resume auto, or --resume PATH), or "
-                f"set another data.save_dir."
-            )
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -431,50 +397,13 @@ class AttriMeterEngine(compat.Engine):
         return state
 
     def save_model(self, epoch: int, rank1: float | None, save_dir: str, is_best: bool = False) -> str:
-        """``save_model_here``; under torchrun on rank 0 only."""
-        path = self._on_main_process(self.save_model_here, epoch, rank1, save_dir, is_best=is_best,
+        """Write ``<save_dir>/model/model.pth.tar-<epoch+1>`` (``CheckpointWriter.save``; torchreid's
+        crashes without a scheduler); under torchrun on rank 0 only. A checkpoint of an epoch without
+        evaluation (rank1 None) is replaced by the next one."""
+        path = self._on_main_process(self.checkpoints.save, save_dir, epoch + 1, self.checkpoint_state(epoch, rank1),
+                                     rolling=rank1 is None, is_best=is_best,
                                      what=f"saving the checkpoint of epoch {epoch + 1}")
         self.last_checkpoint, self.last_checkpoint_epoch = path, epoch + 1
-        return path
-
-    def _write_checkpoint(self, path: str, state: dict) -> None:
-        try:
-            write_file_safely(path, lambda stream: torch.save(state, stream))
-        except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
-            raise OSError(
-                f"could not write the checkpoint '{path}' ({str(error).strip().splitlines()[0]}); the "
-                f"checkpoints written before are untouched. Free disk space or fix the folder's "
-                f"permissions, then continue with --resume auto"
-            ) from error
-
-    def save_model_here(self, epoch: int, rank1: float | None, save_dir: str, is_best: bool = False) -> str:
-        """Write ``<save_dir>/model/model.pth.tar-<epoch+1>`` (torchreid's name and layout).
-
-        Works without a scheduler (torchreid's crashes on None), never replaces a file this run did
-        not write, and writes through a temporary file so an interruption leaves no broken checkpoint.
-        A checkpoint written after an epoch without evaluation is replaced by the next one.
-        A failed write raises OSError naming the file.
-        """
-        directory = checkpoint_dir(save_dir)
-        os.makedirs(directory, exist_ok=True)
-        path = checkpoint_path(save_dir, epoch + 1)
-        if os.path.exists(path) and path not in self._written_checkpoints:
-            raise FileExistsError(
-                f"'{path}' exists and was not written by this run; refusing to overwrite it. Move it away "
-                f"or set another data.save_dir."
-            )
-        self._write_checkpoint(path, self.checkpoint_state(epoch, rank1))
-        self._written_checkpoints.add(path)
-        print(f'Checkpoint saved to "{path}"')
-
-        previous = self._rolling_checkpoint
-        if (previous is not None and previous != path and os.path.dirname(previous) == directory
-                and os.path.exists(previous)):
-            os.remove(previous)
-        self._rolling_checkpoint = path if rank1 is None else None
-        if is_best:
-            self._write_checkpoint(os.path.join(directory, BEST_CHECKPOINT),
-                                   self.checkpoint_state(epoch, rank1))
         return path
 
     def resume(self, path: str) -> int:
