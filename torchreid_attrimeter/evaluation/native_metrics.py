@@ -313,7 +313,10 @@ def tile_totals(
         SHARE_BIN_SHIFT, SHARE_BIN_LOW, SHARE_BINS, shares.data_ptr(),
         *(_pointer(part) for part in identity_parts), _pointer(query_share_sums), _pointer(query_pair_counts),
     )
-    if library.attrimeter_tile_metrics(ctypes.byref(tile)) != 0:
+    status = library.attrimeter_tile_metrics(ctypes.byref(tile))
+    if status == -2:
+        raise MemoryError("the evaluator's C kernel could not allocate its ADRE bin table")
+    if status != 0:
         raise ValueError(f"the kernel takes 1 to {MAX_ATTRIBUTES} attributes, got {num_attributes}")
     summed = {**dict(zip(TALLY_NAMES, tallies.sum(0).tolist())), **dict(zip(SUM_NAMES, sums.sum(0).tolist()))}
     summed["error_max"] = float(sums[:, SUM_NAMES.index("error_max")].max())  # a maximum, not a sum

@@ -20,6 +20,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define W 64       /* pairs per group: (M, W) arrays of a few KB */
@@ -67,10 +68,6 @@ typedef struct {
     int64_t *query_pair_counts;  /* (rows, NUM_CATEGORIES): pairs with a positive sum of components */
 } Tile;
 
-typedef struct {
-    const Tile *tile;
-    int64_t thread, first_row, last_row;
-} Work;
 
 static inline int32_t float_bits(float value) {
     int32_t bits;
@@ -104,11 +101,105 @@ static void group_components(const Tile *t, int64_t row, int64_t column, int64_t
     }
 }
 
-static void relative_errors(const Tile *t, int64_t row, int64_t column, int64_t n, const float *mean,
-                            const uint8_t *mask, double *sums, int64_t *tallies, double *histogram) {
-    const float *target = t->target + row * t->target_stride + column;
+/* --- ADRE histogram bins ----------------------------------------------------------------------------
+ *
+ * A relative error's bin is defined by a double log10 (RelativeErrorHistogram.add: histc of the clamped
+ * log10 of the error), written out in reference_bin. That costs ~20 ns a pair, so each call first finds,
+ * with reference_bin itself, the smallest float of every bin; a pair's bin is then a lookup by the
+ * float's exponent and top mantissa bits (its slot) plus a comparison with the next bin's first float.
+ * The bins are the reference's by construction; a one-off program compared both for every float. */
+
+#define SLOT_SHIFT 16  /* a slot = sign, exponent and top 7 mantissa bits: at most 1/128 of an octave */
+#define INFINITY_BITS 0x7f800000
+
+typedef struct {
+    int64_t bins;
+    int32_t first_slot, num_slots;
+    int32_t *slot_bins;  /* (num_slots,) bin of each slot's smallest float */
+    int32_t *starts;     /* (bins + 1,) bits of each bin's smallest non-negative float; starts[bins] = INT32_MAX */
+} ErrorBins;
+
+/* The bin of a relative error `value` (>= 0, or NaN), by the histogram's definition. */
+static int64_t reference_bin(const Tile *t, double value) {
     const double scale = (double)t->bins / (t->log_max - t->log_min);
     const double smallest = pow(10.0, t->log_min);
+    double logarithm = log10(value > smallest ? value : smallest);
+    if (logarithm > t->log_max) logarithm = t->log_max;
+    if (logarithm < t->log_min) logarithm = t->log_min;
+    int64_t bin = (int64_t)((logarithm - t->log_min) * scale);
+    return bin >= t->bins ? t->bins - 1 : bin;
+}
+
+static int64_t bits_bin(const Tile *t, int32_t bits) { return reference_bin(t, (double)bits_float(bits)); }
+
+/* Fills bins (its arrays allocated here; free bins->starts) from reference_bin. Returns 0, or -1 when
+ * out of memory. Each bin's first float is found by stepping from its boundary 10^(log_min + b / scale)
+ * rounded to float, which is at most a few floats away. */
+static int error_bins_init(ErrorBins *bins, const Tile *t) {
+    const int64_t count = t->bins;
+    bins->bins = count;
+    bins->starts = malloc((size_t)(count + 1) * sizeof(int32_t));
+    if (bins->starts == NULL) return -1;
+    const double scale = (double)count / (t->log_max - t->log_min);
+    bins->starts[0] = 0;
+    for (int64_t b = 1; b < count; b++) {
+        float guess = (float)pow(10.0, t->log_min + (double)b / scale);
+        int32_t bits = isfinite(guess) ? float_bits(guess) : INFINITY_BITS;
+        if (bits < bins->starts[b - 1]) bits = bins->starts[b - 1];
+        while (bits > bins->starts[b - 1] && bits_bin(t, bits - 1) >= b) bits--;
+        while (bits < INFINITY_BITS && bits_bin(t, bits) < b) bits++;
+        bins->starts[b] = bits;
+    }
+    bins->starts[count] = INT32_MAX;
+    /* Slots from the one of bin 1's first float to the one of the last bin's: below, bin 0; above, the last. */
+    const int32_t first = count > 1 ? bins->starts[1] >> SLOT_SHIFT : 0;
+    const int32_t last = count > 1 ? bins->starts[count - 1] >> SLOT_SHIFT : 0;
+    bins->first_slot = first;
+    bins->num_slots = last - first + 1;
+    bins->slot_bins = malloc((size_t)bins->num_slots * sizeof(int32_t));
+    if (bins->slot_bins == NULL) {
+        free(bins->starts);
+        return -1;
+    }
+    int32_t bin = 0;
+    for (int32_t slot = 0; slot < bins->num_slots; slot++) {
+        const int32_t bits = (first + slot) << SLOT_SHIFT;
+        while (bits >= bins->starts[bin + 1]) bin++;
+        bins->slot_bins[slot] = bin;
+    }
+    return 0;
+}
+
+static void error_bins_free(ErrorBins *bins) {
+    free(bins->starts);
+    free(bins->slot_bins);
+}
+
+/* reference_bin(error) for a float error (NaN and negative values land in bin 0, as there). */
+static inline int64_t error_bin(const ErrorBins *bins, float error) {
+    if (isnan(error)) return 0;
+    const int32_t bits = float_bits(error);
+    const int32_t slot = (bits >> SLOT_SHIFT) - bins->first_slot;  /* negative floats: slot < 0 */
+    if (slot < 0) return 0;
+    if (slot >= bins->num_slots) return bins->bins - 1;
+    int64_t bin = bins->slot_bins[slot];
+    /* A bin (0.005 decade with the histogram's 200 bins a decade) spans more than a slot, so a slot
+     * holds at most one bin start: one comparison, then a loop only for finer bins. */
+    bin += bits >= bins->starts[bin + 1];
+    while (bits >= bins->starts[bin + 1]) bin++;
+    return bin;
+}
+
+typedef struct {
+    const Tile *tile;
+    const ErrorBins *error_bins;
+    int64_t thread, first_row, last_row;
+} Work;
+
+static void relative_errors(const Tile *t, const ErrorBins *bins, int64_t row, int64_t column, int64_t n,
+                            const float *mean, const uint8_t *mask, double *sums, int64_t *tallies,
+                            double *histogram) {
+    const float *target = t->target + row * t->target_stride + column;
     for (int64_t w = 0; w < n; w++) {
         if (!mask[w]) continue;
         if (!(target[w] > t->adre_min_distance)) {
@@ -120,12 +211,7 @@ static void relative_errors(const Tile *t, int64_t row, int64_t column, int64_t 
         sums[SUM_ERROR] += value;
         if (value > sums[SUM_ERROR_MAX]) sums[SUM_ERROR_MAX] = value;
         tallies[TALLY_ERRORS]++;
-        double logarithm = log10(value > smallest ? value : smallest);
-        if (logarithm > t->log_max) logarithm = t->log_max;
-        if (logarithm < t->log_min) logarithm = t->log_min;
-        int64_t bin = (int64_t)((logarithm - t->log_min) * scale);
-        if (bin >= t->bins) bin = t->bins - 1;
-        histogram[bin] += 1.0;
+        histogram[error_bin(bins, error)] += 1.0;
     }
 }
 
@@ -357,7 +443,7 @@ static void *run_rows(void *argument) {
             /* Before explanation_metrics, which zeroes the unknown components in comp. */
             if (audit) query_shares(t, row, column, n, comp, sum, mask, acc,
                                     t->query_pair_counts + row * NUM_CATEGORIES);
-            relative_errors(t, row, column, n, mean, mask, sums, tallies, histogram);
+            relative_errors(t, work->error_bins, row, column, n, mean, mask, sums, tallies, histogram);
             if (t->query_labels == NULL) {
                 for (int64_t w = 0; w < n; w++) tallies[TALLY_PAIRS] += mask[w];
                 continue;
@@ -414,14 +500,18 @@ int64_t attrimeter_tile_layout(int64_t *sizes, const char **names, int64_t *offs
     return count;
 }
 
-/* Returns 0, or -1 when M is out of range. */
+/* Returns 0, -1 when M is out of range, or -2 when out of memory. */
 int attrimeter_tile_metrics(const Tile *tile) {
     if (tile->num_attributes < 1 || tile->num_attributes > MAX_M) return -1;
+    ErrorBins error_bins;
+    if (error_bins_init(&error_bins, tile) != 0) return -2;
     const int64_t threads = thread_count(tile->num_threads, tile->rows);
     Work works[MAX_THREADS];
     for (int64_t thread = 0; thread < threads; thread++)
-        works[thread] = (Work){tile, thread, tile->rows * thread / threads, tile->rows * (thread + 1) / threads};
+        works[thread] = (Work){tile, &error_bins, thread, tile->rows * thread / threads,
+                               tile->rows * (thread + 1) / threads};
     run_parallel(run_rows, works, sizeof works[0], threads);
+    error_bins_free(&error_bins);
     return 0;
 }
 
