@@ -250,6 +250,9 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
     float differ_seen[W], shared_seen[W];
     int32_t threshold[W];
     uint64_t differ_bits[W], known_bits[W];
+    /* Bit m of known_bits / differ_bits, extracted once for the keys, the counts and the share bins:
+     * 64-bit shifts are slow in vectors, and the counts then add 32-bit lanes. */
+    int32_t known_of[MAX_M][W], differ_of[MAX_M][W];
     const uint64_t query_labels = t->query_labels[row], query_known = t->query_known[row];
 
     for (int64_t w = n; w < W; w++) {  /* padding: unknown, ranked last */
@@ -273,6 +276,8 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
             const float value = comp[m][w] > 0.0f ? comp[m][w] : 0.0f;
             const int32_t known = (int32_t)((known_bits[w] >> m) & 1u);
             const int32_t differ = (int32_t)((differ_bits[w] >> m) & 1u);
+            known_of[m][w] = known;
+            differ_of[m][w] = differ;
             comp[m][w] = known ? value : 0.0f;  /* from here on: the known components */
             total[w] += comp[m][w];
             const int32_t key = (float_bits(value) & ~1) | differ;
@@ -336,13 +341,13 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
     }
     /* Per attribute: in the top k, differs, known, and agreement [share > 1 / M_known] == differs. */
     for (int64_t m = 0; m < M; m++) {
-        int64_t top_k = 0, top_k_differ = 0, differ_count = 0, known_count = 0, agree = 0;
+        int32_t top_k = 0, top_k_differ = 0, differ_count = 0, known_count = 0, agree = 0;  /* at most W */
         for (int64_t w = 0; w < n; w++) {
-            const int64_t use = mask[w];
-            const int64_t known = (int64_t)((known_bits[w] >> m) & 1u) & use;
-            const int64_t differ = (int64_t)((differ_bits[w] >> m) & 1u) & use;
-            const int64_t in_top_k = (keys[m][w] >= threshold[w]) & use;
-            const int64_t large = comp[m][w] * num_known[w] > total[w];
+            const int32_t use = mask[w];
+            const int32_t known = known_of[m][w] & use;
+            const int32_t differ = differ_of[m][w] & use;
+            const int32_t in_top_k = (keys[m][w] >= threshold[w]) & use;
+            const int32_t large = comp[m][w] * num_known[w] > total[w];
             top_k += in_top_k;
             top_k_differ += in_top_k & differ;
             differ_count += differ;
@@ -357,24 +362,26 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
     }
     /* Share histograms of the known attributes. The bins are found in a loop without branches (it
      * vectorises); the scattered increments, which cannot be vectorised, follow in a loop of their own.
-     * An attribute not counted adds 0, which costs less than a branch the CPU cannot predict. */
-    const int64_t bins = t->share_bins;
+     * An attribute not counted adds 0, which costs less than a branch the CPU cannot predict. The
+     * increments go pair by pair, attribute by attribute: consecutive ones then hit different attributes'
+     * rows, whereas one attribute's pairs often share a bin and would wait on each other's stores. */
+    const int32_t bins = (int32_t)t->share_bins, shift = (int32_t)t->share_shift, low = (int32_t)t->share_low;
     int32_t slot[MAX_M][W];
     int8_t add[MAX_M][W];
     float safe_total[W];
     for (int64_t w = 0; w < W; w++) safe_total[w] = total[w] == 0.0f ? 1.0f : total[w];
     for (int64_t m = 0; m < M; m++) {
+        const int32_t shared_first = (int32_t)m * bins, differs_first = (int32_t)(M + m) * bins;
         for (int64_t w = 0; w < W; w++) {
             const float share = comp[m][w] / safe_total[w];
-            int32_t bin = (float_bits(share) >> t->share_shift) - (int32_t)t->share_low;
-            bin = bin < 0 ? 0 : (bin >= bins ? (int32_t)bins - 1 : bin);
-            const int32_t differ = (int32_t)((differ_bits[w] >> m) & 1u);
-            slot[m][w] = (int32_t)((differ * M + m) * bins) + bin;  /* [1] differs, [0] shared */
-            add[m][w] = (int8_t)((int32_t)((known_bits[w] >> m) & 1u) & (int32_t)mask[w]);
+            int32_t bin = (float_bits(share) >> shift) - low;
+            bin = bin < 0 ? 0 : (bin >= bins ? bins - 1 : bin);
+            slot[m][w] = (differ_of[m][w] ? differs_first : shared_first) + bin;  /* [1] differs, [0] shared */
+            add[m][w] = (int8_t)(known_of[m][w] & mask[w]);
         }
     }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t w = 0; w < n; w++) share_histogram[slot[m][w]] += add[m][w];
+    for (int64_t w = 0; w < n; w++)
+        for (int64_t m = 0; m < M; m++) share_histogram[slot[m][w]] += add[m][w];
 }
 
 /* --- threads -------------------------------------------------------------------------------------- */
