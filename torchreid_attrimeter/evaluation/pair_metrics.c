@@ -113,6 +113,7 @@ static void group_components(const Tile *t, int64_t row, int64_t column, int64_t
 #define INFINITY_BITS 0x7f800000
 
 typedef struct {
+    double log_min, log_max;
     int64_t bins;
     int32_t first_slot, num_slots;
     int32_t *slot_bins;  /* (num_slots,) bin of each slot's smallest float */
@@ -132,12 +133,15 @@ static int64_t reference_bin(const Tile *t, double value) {
 
 static int64_t bits_bin(const Tile *t, int32_t bits) { return reference_bin(t, (double)bits_float(bits)); }
 
-/* Fills bins (its arrays allocated here; free bins->starts) from reference_bin. Returns 0, or -1 when
+/* Fills bins (its arrays allocated here: see error_bins_free) from reference_bin. Returns 0, or -1 when
  * out of memory. Each bin's first float is found by stepping from its boundary 10^(log_min + b / scale)
  * rounded to float, which is at most a few floats away. */
 static int error_bins_init(ErrorBins *bins, const Tile *t) {
     const int64_t count = t->bins;
+    bins->log_min = t->log_min;
+    bins->log_max = t->log_max;
     bins->bins = count;
+    bins->slot_bins = NULL;
     bins->starts = malloc((size_t)(count + 1) * sizeof(int32_t));
     if (bins->starts == NULL) return -1;
     const double scale = (double)count / (t->log_max - t->log_min);
@@ -173,6 +177,25 @@ static int error_bins_init(ErrorBins *bins, const Tile *t) {
 static void error_bins_free(ErrorBins *bins) {
     free(bins->starts);
     free(bins->slot_bins);
+}
+
+/* The table depends only on (log_min, log_max, bins), the same for every tile of a run, and takes
+ * ~0.2 ms to build: the first one built is kept for the life of the process (and never changed, so
+ * calls in other threads can read it without the lock); a call with other parameters builds its own. */
+static pthread_mutex_t kept_bins_lock = PTHREAD_MUTEX_INITIALIZER;
+static ErrorBins kept_bins;
+static int kept_bins_ready;
+
+/* The table for tile t: the kept one, or `own`, filled here (free it with error_bins_free when it is
+ * returned); NULL when out of memory. */
+static const ErrorBins *error_bins_for(const Tile *t, ErrorBins *own) {
+    pthread_mutex_lock(&kept_bins_lock);
+    if (!kept_bins_ready && error_bins_init(&kept_bins, t) == 0) kept_bins_ready = 1;
+    const int kept = kept_bins_ready && kept_bins.bins == t->bins && kept_bins.log_min == t->log_min &&
+                     kept_bins.log_max == t->log_max;
+    pthread_mutex_unlock(&kept_bins_lock);
+    if (kept) return &kept_bins;
+    return error_bins_init(own, t) == 0 ? own : NULL;
 }
 
 /* reference_bin(error) for a float error (NaN and negative values land in bin 0, as there). */
@@ -510,15 +533,16 @@ int64_t attrimeter_tile_layout(int64_t *sizes, const char **names, int64_t *offs
 /* Returns 0, -1 when M is out of range, or -2 when out of memory. */
 int attrimeter_tile_metrics(const Tile *tile) {
     if (tile->num_attributes < 1 || tile->num_attributes > MAX_M) return -1;
-    ErrorBins error_bins;
-    if (error_bins_init(&error_bins, tile) != 0) return -2;
+    ErrorBins own_bins;
+    const ErrorBins *error_bins = error_bins_for(tile, &own_bins);
+    if (error_bins == NULL) return -2;
     const int64_t threads = thread_count(tile->num_threads, tile->rows);
     Work works[MAX_THREADS];
     for (int64_t thread = 0; thread < threads; thread++)
-        works[thread] = (Work){tile, &error_bins, thread, tile->rows * thread / threads,
+        works[thread] = (Work){tile, error_bins, thread, tile->rows * thread / threads,
                                tile->rows * (thread + 1) / threads};
     run_parallel(run_rows, works, sizeof works[0], threads);
-    error_bins_free(&error_bins);
+    if (error_bins == &own_bins) error_bins_free(&own_bins);
     return 0;
 }
 
