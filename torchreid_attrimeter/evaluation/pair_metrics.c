@@ -59,7 +59,10 @@ typedef struct {
     int64_t *counts;     /* (threads, NUM_COUNTS, M) */
     /* share histogram: bin = (bits of the float32 share >> share_shift) - share_low, clamped */
     int64_t share_shift, share_low, share_bins;
-    int64_t *share_histogram;  /* (threads, 2, M, share_bins): [0] shared, [1] differs */
+    /* (threads, 1 + 2 * M * share_bins): per thread, a spare counter that takes the entries not counted
+     * (unknown attribute or pair not selected), so that every entry is added without a condition, then
+     * the histogram (2, M, share_bins): [0] shared, [1] differs. */
+    int64_t *share_histogram;
     /* Per-query share sums for the model audit (audit.py), or NULL: each row is one query, owned by one
      * thread, so the rows' sums need no per-thread copies. Pair category = 2 * same identity + same camera. */
     const int64_t *query_pids, *query_camids;      /* (rows,) */
@@ -385,12 +388,12 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
     }
     /* Share histograms of the known attributes. The bins are found in a loop without branches (it
      * vectorises); the scattered increments, which cannot be vectorised, follow in a loop of their own.
-     * An entry not counted adds 0, which costs less than a branch the CPU cannot predict; the 0 or 1 to
-     * add travels as the lowest bit of the entry's slot (one load per increment instead of two). The
-     * increments go pair by pair, attribute by attribute: consecutive ones then hit different attributes'
-     * rows, whereas one attribute's pairs often share a bin and would wait on each other's stores. */
+     * An entry not counted goes to the spare counter share_histogram[-1]: fewer instructions than
+     * adding 0 or 1, and no branch the CPU cannot predict. The increments go pair by pair, attribute by
+     * attribute: consecutive ones then hit different attributes' rows, whereas one attribute's pairs
+     * often share a bin and would wait on each other's stores. */
     const int32_t bins = (int32_t)t->share_bins, shift = (int32_t)t->share_shift, low = (int32_t)t->share_low;
-    int32_t slot[MAX_M][W];  /* 2 * (index in the histogram) + (1 if counted) */
+    int32_t slot[MAX_M][W];  /* index in the histogram, or -1: not counted */
     float safe_total[W];
     for (int64_t w = 0; w < W; w++) safe_total[w] = total[w] == 0.0f ? 1.0f : total[w];
     for (int64_t m = 0; m < M; m++) {
@@ -400,11 +403,11 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
             int32_t bin = (float_bits(share) >> shift) - low;
             bin = bin < 0 ? 0 : (bin >= bins ? bins - 1 : bin);
             const int32_t index = (differ_of[m][w] ? differs_first : shared_first) + bin;  /* [1] differs */
-            slot[m][w] = 2 * index + (known_of[m][w] & mask[w]);
+            slot[m][w] = known_of[m][w] & mask[w] ? index : -1;
         }
     }
     for (int64_t w = 0; w < n; w++)
-        for (int64_t m = 0; m < M; m++) share_histogram[slot[m][w] >> 1] += slot[m][w] & 1;
+        for (int64_t m = 0; m < M; m++) share_histogram[slot[m][w]]++;
 }
 
 /* --- threads -------------------------------------------------------------------------------------- */
@@ -443,7 +446,7 @@ static void *run_rows(void *argument) {
     int64_t *tallies = t->tallies + work->thread * NUM_TALLIES;
     double *histogram = t->histogram + work->thread * t->bins;
     int64_t *counts = t->counts + work->thread * NUM_COUNTS * M;
-    int64_t *share_histogram = t->share_histogram + work->thread * 2 * M * t->share_bins;
+    int64_t *share_histogram = t->share_histogram + work->thread * (1 + 2 * M * t->share_bins) + 1;
     float comp[MAX_M][W];  /* 16 KB: thread stacks are megabytes */
     float mean[W], sum[W];
     uint8_t mask[W];
