@@ -271,7 +271,7 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
                                 const uint8_t *mask, double *sums, int64_t *tallies, int64_t *counts,
                                 int64_t *share_histogram) {
     const int64_t M = t->num_attributes;
-    int32_t keys[MAX_M][W], ranked[MAX_M][W];
+    int32_t ranked[MAX_M][W];
     float total[W], num_differ[W], num_shared[W], num_known[W], exclusive[W], common[W];
     float differ_seen[W], shared_seen[W];
     int32_t threshold[W];
@@ -307,8 +307,7 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
             comp[m][w] = known ? value : 0.0f;  /* from here on: the known components */
             total[w] += comp[m][w];
             const int32_t key = (float_bits(value) & ~1) | differ;
-            keys[m][w] = known ? key : UNKNOWN_KEY;
-            ranked[m][w] = keys[m][w];
+            ranked[m][w] = known ? key : UNKNOWN_KEY;  /* sorted below */
         }
     }
     for (int64_t c = 0; c < t->num_comparators; c++) {
@@ -372,7 +371,9 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
             const int32_t use = mask[w];
             const int32_t known = known_of[m][w] & use;
             const int32_t differ = differ_of[m][w] & use;
-            const int32_t in_top_k = (keys[m][w] >= threshold[w]) & use;
+            /* The key (as above) of a known component; an unknown one is never in the top k. */
+            const int32_t key = (float_bits(comp[m][w]) & ~1) | differ_of[m][w];
+            const int32_t in_top_k = (key >= threshold[w]) & known;
             const int32_t large = comp[m][w] * num_known[w] > total[w];
             top_k += in_top_k;
             top_k_differ += in_top_k & differ;
