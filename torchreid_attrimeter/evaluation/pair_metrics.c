@@ -408,6 +408,7 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
         }
     }
     for (int64_t w = 0; w < n; w++)
+#pragma GCC unroll 4  /* M is known only at run time: four increments per loop test */
         for (int64_t m = 0; m < M; m++) share_histogram[slot[m][w]]++;
 }
 
