@@ -230,19 +230,27 @@ static void relative_errors(const Tile *t, const ErrorBins *bins, int64_t row, i
                             const float *mean, const uint8_t *mask, double *sums, int64_t *tallies,
                             double *histogram) {
     const float *target = t->target + row * t->target_stride + column;
+    /* The running sum and maximum in registers: kept in sums[], each pair's would wait for the store of
+     * the previous one (the histogram, also doubles, might alias them). Same additions, same order. */
+    double error_sum = sums[SUM_ERROR], error_max = sums[SUM_ERROR_MAX];
+    int64_t errors = 0, skipped = 0;
     for (int64_t w = 0; w < n; w++) {
         if (!mask[w]) continue;
         if (!(target[w] > t->adre_min_distance)) {
-            tallies[TALLY_SKIPPED]++;
+            skipped++;
             continue;
         }
         const float error = fabsf(target[w] - mean[w]) / target[w];
         const double value = (double)error;
-        sums[SUM_ERROR] += value;
-        if (value > sums[SUM_ERROR_MAX]) sums[SUM_ERROR_MAX] = value;
-        tallies[TALLY_ERRORS]++;
+        error_sum += value;
+        if (value > error_max) error_max = value;
+        errors++;
         histogram[error_bin(bins, error)] += 1.0;
     }
+    sums[SUM_ERROR] = error_sum;
+    sums[SUM_ERROR_MAX] = error_max;
+    tallies[TALLY_ERRORS] += errors;
+    tallies[TALLY_SKIPPED] += skipped;
 }
 
 /* Adds each selected pair's shares (comp (M, n) over their sums `sum`) to the lane accumulators of its
