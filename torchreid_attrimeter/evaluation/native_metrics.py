@@ -293,7 +293,8 @@ def tile_totals(
     tallies = torch.zeros(threads, len(TALLY_NAMES), dtype=torch.int64)
     histogram = torch.zeros(threads, bins, dtype=torch.float64)
     counts = torch.zeros(threads, len(COUNT_NAMES), num_attributes, dtype=torch.int64)
-    shares = torch.zeros(threads, 2, num_attributes, SHARE_BINS, dtype=torch.int64)
+    # Per thread: a spare counter for the entries not counted (see Tile.share_histogram), then the histogram.
+    shares = torch.zeros(threads, 1 + 2 * num_attributes * SHARE_BINS, dtype=torch.int64)
     identity_parts = [None] * 4
     query_share_sums = query_pair_counts = None
     if identities is not None:
@@ -313,12 +314,16 @@ def tile_totals(
         SHARE_BIN_SHIFT, SHARE_BIN_LOW, SHARE_BINS, shares.data_ptr(),
         *(_pointer(part) for part in identity_parts), _pointer(query_share_sums), _pointer(query_pair_counts),
     )
-    if library.attrimeter_tile_metrics(ctypes.byref(tile)) != 0:
+    status = library.attrimeter_tile_metrics(ctypes.byref(tile))
+    if status == -2:
+        raise MemoryError("the evaluator's C kernel could not allocate its ADRE bin table")
+    if status != 0:
         raise ValueError(f"the kernel takes 1 to {MAX_ATTRIBUTES} attributes, got {num_attributes}")
     summed = {**dict(zip(TALLY_NAMES, tallies.sum(0).tolist())), **dict(zip(SUM_NAMES, sums.sum(0).tolist()))}
     summed["error_max"] = float(sums[:, SUM_NAMES.index("error_max")].max())  # a maximum, not a sum
     return TileTotals(
         **summed, histogram=histogram.sum(0),
         counts={name: counts[:, index].sum(0) for index, name in enumerate(COUNT_NAMES)},
-        share_histogram=shares.sum(0), query_share_sums=query_share_sums, query_pair_counts=query_pair_counts,
+        share_histogram=shares[:, 1:].sum(0).view(2, num_attributes, SHARE_BINS),
+        query_share_sums=query_share_sums, query_pair_counts=query_pair_counts,
     )

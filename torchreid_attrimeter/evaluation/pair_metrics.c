@@ -20,6 +20,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define W 64       /* pairs per group: (M, W) arrays of a few KB */
@@ -58,7 +59,10 @@ typedef struct {
     int64_t *counts;     /* (threads, NUM_COUNTS, M) */
     /* share histogram: bin = (bits of the float32 share >> share_shift) - share_low, clamped */
     int64_t share_shift, share_low, share_bins;
-    int64_t *share_histogram;  /* (threads, 2, M, share_bins): [0] shared, [1] differs */
+    /* (threads, 1 + 2 * M * share_bins): per thread, a spare counter that takes the entries not counted
+     * (unknown attribute or pair not selected), so that every entry is added without a condition, then
+     * the histogram (2, M, share_bins): [0] shared, [1] differs. */
+    int64_t *share_histogram;
     /* Per-query share sums for the model audit (audit.py), or NULL: each row is one query, owned by one
      * thread, so the rows' sums need no per-thread copies. Pair category = 2 * same identity + same camera. */
     const int64_t *query_pids, *query_camids;      /* (rows,) */
@@ -67,10 +71,6 @@ typedef struct {
     int64_t *query_pair_counts;  /* (rows, NUM_CATEGORIES): pairs with a positive sum of components */
 } Tile;
 
-typedef struct {
-    const Tile *tile;
-    int64_t thread, first_row, last_row;
-} Work;
 
 static inline int32_t float_bits(float value) {
     int32_t bits;
@@ -90,6 +90,10 @@ static void group_components(const Tile *t, int64_t row, int64_t column, int64_t
     for (int64_t m = 0; m < M; m++) {
         const float *products = t->products + (m * t->rows + row) * t->columns + column;
         float *out = comp[m];
+        /* The next group's products of the row, a cache line at a time: on large tiles they come from
+         * memory, in M streams, more than the hardware prefetchers keep up with. */
+        for (int64_t k = W; k < 2 * W && column + k < t->columns; k += 64 / sizeof(float))
+            __builtin_prefetch(products + k);
         if (t->query_norms == NULL) {
             for (int64_t w = 0; w < n; w++) out[w] = 1.0f - products[w];
         } else {
@@ -104,29 +108,149 @@ static void group_components(const Tile *t, int64_t row, int64_t column, int64_t
     }
 }
 
-static void relative_errors(const Tile *t, int64_t row, int64_t column, int64_t n, const float *mean,
-                            const uint8_t *mask, double *sums, int64_t *tallies, double *histogram) {
-    const float *target = t->target + row * t->target_stride + column;
+/* --- ADRE histogram bins ----------------------------------------------------------------------------
+ *
+ * A relative error's bin is defined by a double log10 (RelativeErrorHistogram.add: histc of the clamped
+ * log10 of the error), written out in reference_bin. That costs ~20 ns a pair, so each call first finds,
+ * with reference_bin itself, the smallest float of every bin; a pair's bin is then a lookup by the
+ * float's exponent and top mantissa bits (its slot) plus a comparison with the next bin's first float.
+ * The bins are the reference's by construction; a one-off program compared both for every float. */
+
+#define SLOT_SHIFT 16  /* a slot = sign, exponent and top 7 mantissa bits: at most 1/128 of an octave */
+#define INFINITY_BITS 0x7f800000
+
+typedef struct {
+    double log_min, log_max;
+    int64_t bins;
+    int32_t first_slot, num_slots;
+    int32_t *slot_bins;  /* (num_slots,) bin of each slot's smallest float */
+    int32_t *starts;     /* (bins + 1,) bits of each bin's smallest non-negative float; starts[bins] = INT32_MAX */
+} ErrorBins;
+
+/* The bin of a relative error `value` (>= 0, or NaN), by the histogram's definition. */
+static int64_t reference_bin(const Tile *t, double value) {
     const double scale = (double)t->bins / (t->log_max - t->log_min);
     const double smallest = pow(10.0, t->log_min);
+    double logarithm = log10(value > smallest ? value : smallest);
+    if (logarithm > t->log_max) logarithm = t->log_max;
+    if (logarithm < t->log_min) logarithm = t->log_min;
+    int64_t bin = (int64_t)((logarithm - t->log_min) * scale);
+    return bin >= t->bins ? t->bins - 1 : bin;
+}
+
+static int64_t bits_bin(const Tile *t, int32_t bits) { return reference_bin(t, (double)bits_float(bits)); }
+
+/* Fills bins (its arrays allocated here: see error_bins_free) from reference_bin. Returns 0, or -1 when
+ * out of memory. Each bin's first float is found by stepping from its boundary 10^(log_min + b / scale)
+ * rounded to float, which is at most a few floats away. */
+static int error_bins_init(ErrorBins *bins, const Tile *t) {
+    const int64_t count = t->bins;
+    bins->log_min = t->log_min;
+    bins->log_max = t->log_max;
+    bins->bins = count;
+    bins->slot_bins = NULL;
+    bins->starts = malloc((size_t)(count + 1) * sizeof(int32_t));
+    if (bins->starts == NULL) return -1;
+    const double scale = (double)count / (t->log_max - t->log_min);
+    bins->starts[0] = 0;
+    for (int64_t b = 1; b < count; b++) {
+        float guess = (float)pow(10.0, t->log_min + (double)b / scale);
+        int32_t bits = isfinite(guess) ? float_bits(guess) : INFINITY_BITS;
+        if (bits < bins->starts[b - 1]) bits = bins->starts[b - 1];
+        while (bits > bins->starts[b - 1] && bits_bin(t, bits - 1) >= b) bits--;
+        while (bits < INFINITY_BITS && bits_bin(t, bits) < b) bits++;
+        bins->starts[b] = bits;
+    }
+    bins->starts[count] = INT32_MAX;
+    /* Slots from the one of bin 1's first float to the one of the last bin's: below, bin 0; above, the last. */
+    const int32_t first = count > 1 ? bins->starts[1] >> SLOT_SHIFT : 0;
+    const int32_t last = count > 1 ? bins->starts[count - 1] >> SLOT_SHIFT : 0;
+    bins->first_slot = first;
+    bins->num_slots = last - first + 1;
+    bins->slot_bins = malloc((size_t)bins->num_slots * sizeof(int32_t));
+    if (bins->slot_bins == NULL) {
+        free(bins->starts);
+        return -1;
+    }
+    int32_t bin = 0;
+    for (int32_t slot = 0; slot < bins->num_slots; slot++) {
+        const int32_t bits = (first + slot) << SLOT_SHIFT;
+        while (bits >= bins->starts[bin + 1]) bin++;
+        bins->slot_bins[slot] = bin;
+    }
+    return 0;
+}
+
+static void error_bins_free(ErrorBins *bins) {
+    free(bins->starts);
+    free(bins->slot_bins);
+}
+
+/* The table depends only on (log_min, log_max, bins), the same for every tile of a run, and takes
+ * ~0.2 ms to build: the first one built is kept for the life of the process (and never changed, so
+ * calls in other threads can read it without the lock); a call with other parameters builds its own. */
+static pthread_mutex_t kept_bins_lock = PTHREAD_MUTEX_INITIALIZER;
+static ErrorBins kept_bins;
+static int kept_bins_ready;
+
+/* The table for tile t: the kept one, or `own`, filled here (free it with error_bins_free when it is
+ * returned); NULL when out of memory. */
+static const ErrorBins *error_bins_for(const Tile *t, ErrorBins *own) {
+    pthread_mutex_lock(&kept_bins_lock);
+    if (!kept_bins_ready && error_bins_init(&kept_bins, t) == 0) kept_bins_ready = 1;
+    const int kept = kept_bins_ready && kept_bins.bins == t->bins && kept_bins.log_min == t->log_min &&
+                     kept_bins.log_max == t->log_max;
+    pthread_mutex_unlock(&kept_bins_lock);
+    if (kept) return &kept_bins;
+    return error_bins_init(own, t) == 0 ? own : NULL;
+}
+
+/* reference_bin(error) for a float error (NaN and negative values land in bin 0, as there). */
+static inline int64_t error_bin(const ErrorBins *bins, float error) {
+    if (isnan(error)) return 0;
+    const int32_t bits = float_bits(error);
+    const int32_t slot = (bits >> SLOT_SHIFT) - bins->first_slot;  /* negative floats: slot < 0 */
+    if (slot < 0) return 0;
+    if (slot >= bins->num_slots) return bins->bins - 1;
+    int64_t bin = bins->slot_bins[slot];
+    /* A bin (0.005 decade with the histogram's 200 bins a decade) spans more than a slot, so a slot
+     * holds at most one bin start: one comparison, then a loop only for finer bins. */
+    bin += bits >= bins->starts[bin + 1];
+    while (bits >= bins->starts[bin + 1]) bin++;
+    return bin;
+}
+
+typedef struct {
+    const Tile *tile;
+    const ErrorBins *error_bins;
+    int64_t thread, first_row, last_row;
+} Work;
+
+static void relative_errors(const Tile *t, const ErrorBins *bins, int64_t row, int64_t column, int64_t n,
+                            const float *mean, const uint8_t *mask, double *sums, int64_t *tallies,
+                            double *histogram) {
+    const float *target = t->target + row * t->target_stride + column;
+    /* The running sum and maximum in registers: kept in sums[], each pair's would wait for the store of
+     * the previous one (the histogram, also doubles, might alias them). Same additions, same order. */
+    double error_sum = sums[SUM_ERROR], error_max = sums[SUM_ERROR_MAX];
+    int64_t errors = 0, skipped = 0;
     for (int64_t w = 0; w < n; w++) {
         if (!mask[w]) continue;
         if (!(target[w] > t->adre_min_distance)) {
-            tallies[TALLY_SKIPPED]++;
+            skipped++;
             continue;
         }
         const float error = fabsf(target[w] - mean[w]) / target[w];
         const double value = (double)error;
-        sums[SUM_ERROR] += value;
-        if (value > sums[SUM_ERROR_MAX]) sums[SUM_ERROR_MAX] = value;
-        tallies[TALLY_ERRORS]++;
-        double logarithm = log10(value > smallest ? value : smallest);
-        if (logarithm > t->log_max) logarithm = t->log_max;
-        if (logarithm < t->log_min) logarithm = t->log_min;
-        int64_t bin = (int64_t)((logarithm - t->log_min) * scale);
-        if (bin >= t->bins) bin = t->bins - 1;
-        histogram[bin] += 1.0;
+        error_sum += value;
+        if (value > error_max) error_max = value;
+        errors++;
+        histogram[error_bin(bins, error)] += 1.0;
     }
+    sums[SUM_ERROR] = error_sum;
+    sums[SUM_ERROR_MAX] = error_max;
+    tallies[TALLY_ERRORS] += errors;
+    tallies[TALLY_SKIPPED] += skipped;
 }
 
 /* Adds each selected pair's shares (comp (M, n) over their sums `sum`) to the lane accumulators of its
@@ -159,11 +283,15 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
                                 const uint8_t *mask, double *sums, int64_t *tallies, int64_t *counts,
                                 int64_t *share_histogram) {
     const int64_t M = t->num_attributes;
-    int32_t keys[MAX_M][W], ranked[MAX_M][W];
+    int32_t ranked[MAX_M][W];
     float total[W], num_differ[W], num_shared[W], num_known[W], exclusive[W], common[W];
     float differ_seen[W], shared_seen[W];
     int32_t threshold[W];
     uint64_t differ_bits[W], known_bits[W];
+    /* Bit m of known_bits / differ_bits, extracted once for the keys, the counts and the share bins:
+     * 64-bit shifts are slow in vectors, and the counts then add 32-bit lanes. Bytes: a row of W is
+     * then one vector store instead of four. */
+    uint8_t known_of[MAX_M][W], differ_of[MAX_M][W];
     const uint64_t query_labels = t->query_labels[row], query_known = t->query_known[row];
 
     for (int64_t w = n; w < W; w++) {  /* padding: unknown, ranked last */
@@ -187,11 +315,12 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
             const float value = comp[m][w] > 0.0f ? comp[m][w] : 0.0f;
             const int32_t known = (int32_t)((known_bits[w] >> m) & 1u);
             const int32_t differ = (int32_t)((differ_bits[w] >> m) & 1u);
+            known_of[m][w] = (uint8_t)known;
+            differ_of[m][w] = (uint8_t)differ;
             comp[m][w] = known ? value : 0.0f;  /* from here on: the known components */
             total[w] += comp[m][w];
             const int32_t key = (float_bits(value) & ~1) | differ;
-            keys[m][w] = known ? key : UNKNOWN_KEY;
-            ranked[m][w] = keys[m][w];
+            ranked[m][w] = known ? key : UNKNOWN_KEY;  /* sorted below */
         }
     }
     for (int64_t c = 0; c < t->num_comparators; c++) {
@@ -250,13 +379,15 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
     }
     /* Per attribute: in the top k, differs, known, and agreement [share > 1 / M_known] == differs. */
     for (int64_t m = 0; m < M; m++) {
-        int64_t top_k = 0, top_k_differ = 0, differ_count = 0, known_count = 0, agree = 0;
+        int32_t top_k = 0, top_k_differ = 0, differ_count = 0, known_count = 0, agree = 0;  /* at most W */
         for (int64_t w = 0; w < n; w++) {
-            const int64_t use = mask[w];
-            const int64_t known = (int64_t)((known_bits[w] >> m) & 1u) & use;
-            const int64_t differ = (int64_t)((differ_bits[w] >> m) & 1u) & use;
-            const int64_t in_top_k = (keys[m][w] >= threshold[w]) & use;
-            const int64_t large = comp[m][w] * num_known[w] > total[w];
+            const int32_t use = mask[w];
+            const int32_t known = known_of[m][w] & use;
+            const int32_t differ = differ_of[m][w] & use;
+            /* The key (as above) of a known component; an unknown one is never in the top k. */
+            const int32_t key = (float_bits(comp[m][w]) & ~1) | differ_of[m][w];
+            const int32_t in_top_k = (key >= threshold[w]) & known;
+            const int32_t large = comp[m][w] * num_known[w] > total[w];
             top_k += in_top_k;
             top_k_differ += in_top_k & differ;
             differ_count += differ;
@@ -271,24 +402,27 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
     }
     /* Share histograms of the known attributes. The bins are found in a loop without branches (it
      * vectorises); the scattered increments, which cannot be vectorised, follow in a loop of their own.
-     * An attribute not counted adds 0, which costs less than a branch the CPU cannot predict. */
-    const int64_t bins = t->share_bins;
-    int32_t slot[MAX_M][W];
-    int8_t add[MAX_M][W];
+     * An entry not counted goes to the spare counter share_histogram[-1]: fewer instructions than
+     * adding 0 or 1, and no branch the CPU cannot predict. The increments go pair by pair, attribute by
+     * attribute: consecutive ones then hit different attributes' rows, whereas one attribute's pairs
+     * often share a bin and would wait on each other's stores. */
+    const int32_t bins = (int32_t)t->share_bins, shift = (int32_t)t->share_shift, low = (int32_t)t->share_low;
+    int32_t slot[MAX_M][W];  /* index in the histogram, or -1: not counted */
     float safe_total[W];
     for (int64_t w = 0; w < W; w++) safe_total[w] = total[w] == 0.0f ? 1.0f : total[w];
     for (int64_t m = 0; m < M; m++) {
+        const int32_t shared_first = (int32_t)m * bins, differs_first = (int32_t)(M + m) * bins;
         for (int64_t w = 0; w < W; w++) {
             const float share = comp[m][w] / safe_total[w];
-            int32_t bin = (float_bits(share) >> t->share_shift) - (int32_t)t->share_low;
-            bin = bin < 0 ? 0 : (bin >= bins ? (int32_t)bins - 1 : bin);
-            const int32_t differ = (int32_t)((differ_bits[w] >> m) & 1u);
-            slot[m][w] = (int32_t)((differ * M + m) * bins) + bin;  /* [1] differs, [0] shared */
-            add[m][w] = (int8_t)((int32_t)((known_bits[w] >> m) & 1u) & (int32_t)mask[w]);
+            int32_t bin = (float_bits(share) >> shift) - low;
+            bin = bin < 0 ? 0 : (bin >= bins ? bins - 1 : bin);
+            const int32_t index = (differ_of[m][w] ? differs_first : shared_first) + bin;  /* [1] differs */
+            slot[m][w] = known_of[m][w] & mask[w] ? index : -1;
         }
     }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t w = 0; w < n; w++) share_histogram[slot[m][w]] += add[m][w];
+    for (int64_t w = 0; w < n; w++)
+#pragma GCC unroll 4  /* M is known only at run time: four increments per loop test */
+        for (int64_t m = 0; m < M; m++) share_histogram[slot[m][w]]++;
 }
 
 /* --- threads -------------------------------------------------------------------------------------- */
@@ -327,7 +461,7 @@ static void *run_rows(void *argument) {
     int64_t *tallies = t->tallies + work->thread * NUM_TALLIES;
     double *histogram = t->histogram + work->thread * t->bins;
     int64_t *counts = t->counts + work->thread * NUM_COUNTS * M;
-    int64_t *share_histogram = t->share_histogram + work->thread * 2 * M * t->share_bins;
+    int64_t *share_histogram = t->share_histogram + work->thread * (1 + 2 * M * t->share_bins) + 1;
     float comp[MAX_M][W];  /* 16 KB: thread stacks are megabytes */
     float mean[W], sum[W];
     uint8_t mask[W];
@@ -357,7 +491,7 @@ static void *run_rows(void *argument) {
             /* Before explanation_metrics, which zeroes the unknown components in comp. */
             if (audit) query_shares(t, row, column, n, comp, sum, mask, acc,
                                     t->query_pair_counts + row * NUM_CATEGORIES);
-            relative_errors(t, row, column, n, mean, mask, sums, tallies, histogram);
+            relative_errors(t, work->error_bins, row, column, n, mean, mask, sums, tallies, histogram);
             if (t->query_labels == NULL) {
                 for (int64_t w = 0; w < n; w++) tallies[TALLY_PAIRS] += mask[w];
                 continue;
@@ -414,14 +548,19 @@ int64_t attrimeter_tile_layout(int64_t *sizes, const char **names, int64_t *offs
     return count;
 }
 
-/* Returns 0, or -1 when M is out of range. */
+/* Returns 0, -1 when M is out of range, or -2 when out of memory. */
 int attrimeter_tile_metrics(const Tile *tile) {
     if (tile->num_attributes < 1 || tile->num_attributes > MAX_M) return -1;
+    ErrorBins own_bins;
+    const ErrorBins *error_bins = error_bins_for(tile, &own_bins);
+    if (error_bins == NULL) return -2;
     const int64_t threads = thread_count(tile->num_threads, tile->rows);
     Work works[MAX_THREADS];
     for (int64_t thread = 0; thread < threads; thread++)
-        works[thread] = (Work){tile, thread, tile->rows * thread / threads, tile->rows * (thread + 1) / threads};
+        works[thread] = (Work){tile, error_bins, thread, tile->rows * thread / threads,
+                               tile->rows * (thread + 1) / threads};
     run_parallel(run_rows, works, sizeof works[0], threads);
+    if (error_bins == &own_bins) error_bins_free(&own_bins);
     return 0;
 }
 
