@@ -158,8 +158,6 @@ def pair_explanation_stats(
     Every step is a whole-row integer or float operation, avoiding what is slow in CPU torch at this
     size: ``where``, ``cumsum`` along dim 0, int64 sums, conversions from bool to float.
     """
-    num_attributes, num_pairs = components.shape
-    device = components.device
     differ = differ.to(torch.int32)
     if known is not None:
         known = known.to(torch.int32)
@@ -167,56 +165,15 @@ def pair_explanation_stats(
     values = components.float().clamp_min(0.0)
     keys = ranking_keys(values, differ, known)
     ranked = sort_rows_descending(keys)
-
-    # Relevance read back from the sorted keys: lowest bit = differs; sign bit = unknown. From here
-    # on in float32, whose whole-row arithmetic is the fastest (and exact for these small counts).
-    ranked_differ = (ranked & 1).float()
-    ranked_shared = ((ranked >> 31) + 1).float() - ranked_differ  # known (1, or 0 if unknown) - differs
-    differ_seen = cumulative_rows(ranked_differ)  # relevant items at or above each position
-    shared_seen = cumulative_rows(ranked_shared)
-    num_differ, num_shared = differ_seen[-1], shared_seen[-1]
+    exclusive_ap, common_ap, num_differ, num_shared = _ranked_average_precisions(ranked)
     num_known = num_differ + num_shared
-    # X-mAP_e: decreasing shares, relevant = differs; AP = (1/N) sum over relevant positions of
-    # (relevant so far) / position.
-    position = torch.arange(1, num_attributes + 1, device=device, dtype=torch.float32)
-    exclusive_ap = ((1.0 / position) @ (ranked_differ * differ_seen)) / num_differ.clamp_min(1.0)
-    # X-mAP_c with N >= 1: increasing shares, relevant = shared. Descending index m is position
-    # M_known - m in increasing order, where the shared attributes so far are those at m and below.
-    shared_from_here = (num_shared + 1.0)[None, :] - shared_seen
-    shared_from_here *= ranked_shared
-    increasing_position = (num_known[None, :] - (position - 1.0)[:, None]).clamp_min_(1.0)
-    common_ap = (shared_from_here / increasing_position).sum(0) / num_shared.clamp_min(1.0)
 
     # Components of unknown attributes zeroed with a bit mask (-known is all ones or all zeros).
     known_values = values if known is None else (values.view(torch.int32) & -known).view(torch.float32)
     total_known = known_values.sum(0)
-    # X-mAP_c with N = 0 (rare: same-attribute pairs): decreasing shares, relevant = shares <= 2 / M_known.
-    nothing_differs = (num_differ == 0) & (num_known > 0)
-    if bool(nothing_differs.any()):
-        columns = nothing_differs.nonzero()[:, 0]
-        ranked_here = ranked[:, columns]
-        known_here = ranked_here >= 0
-        small = known_here & ((ranked_here & ~1).view(torch.float32) * num_known[columns]
-                              <= 2.0 * total_known[columns])
-        small = small.float()
-        ranks = torch.arange(1, num_attributes + 1, device=device, dtype=torch.float32)[:, None]
-        common_ap[columns] = (small * small.cumsum(0) / ranks).sum(0) / small.sum(0).clamp_min(1.0)
-
-    # Top-k: an attribute is in the pair's top k if its key reaches the k-th largest known key
-    # (unknown keys are negative, below any known one; pairs with nothing known have no top k).
-    depth = min(top_k, num_attributes)
-    kth = (num_known.clamp(max=depth) - 1).clamp_min(0).long()
-    threshold = ranked[:depth].gather(0, kth[None, :])
-    threshold.masked_fill_((num_known == 0)[None, :], torch.iinfo(torch.int32).max)
-    in_top_k = (keys >= threshold).to(torch.int32)
-    # Agreement: [share > 1 / M_known] equals [differs], over known attributes.
-    large = torch.gt(known_values * num_known[None, :], total_known[None, :]).to(torch.int32)
-    disagree = large ^ differ
-    if known is not None:
-        disagree &= known
-        known_count = _row_counts(known)
-    else:
-        known_count = torch.full((num_attributes,), num_pairs, dtype=torch.int32, device=device)
+    _common_ap_where_nothing_differs(common_ap, ranked, num_differ, num_known, total_known)
+    in_top_k = _top_k_mask(keys, ranked, num_known, top_k)
+    known_count, agree = _agreement_counts(known_values, total_known, num_known, differ, known)
 
     has_exclusive = num_differ >= 1.0
     has_common = num_shared >= 1.0
@@ -229,9 +186,86 @@ def pair_explanation_stats(
         top_k_differ=_row_counts(in_top_k & differ),
         differ=_row_counts(differ),
         known=known_count,
-        agree=known_count - _row_counts(disagree),
+        agree=agree,
         share_histogram=share_histogram(known_values, total_known, differ, known),
     )
+
+
+def _ranked_average_precisions(
+    ranked: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n,) float32 X-mAP_e and X-mAP_c (the N >= 1 rule) of each pair from its keys sorted in
+    decreasing order (M, n), and (n,) float32 counts of differing and of shared known attributes.
+    APs of pairs without relevant attributes are meaningless here; the caller masks them."""
+    num_attributes = ranked.shape[0]
+    # Relevance read back from the sorted keys: lowest bit = differs; sign bit = unknown. From here
+    # on in float32, whose whole-row arithmetic is the fastest (and exact for these small counts).
+    ranked_differ = (ranked & 1).float()
+    ranked_shared = ((ranked >> 31) + 1).float() - ranked_differ  # known (1, or 0 if unknown) - differs
+    differ_seen = cumulative_rows(ranked_differ)  # relevant items at or above each position
+    shared_seen = cumulative_rows(ranked_shared)
+    num_differ, num_shared = differ_seen[-1], shared_seen[-1]
+    num_known = num_differ + num_shared
+    # X-mAP_e: decreasing shares, relevant = differs; AP = (1/N) sum over relevant positions of
+    # (relevant so far) / position.
+    position = torch.arange(1, num_attributes + 1, device=ranked.device, dtype=torch.float32)
+    exclusive_ap = ((1.0 / position) @ (ranked_differ * differ_seen)) / num_differ.clamp_min(1.0)
+    # X-mAP_c with N >= 1: increasing shares, relevant = shared. Descending index m is position
+    # M_known - m in increasing order, where the shared attributes so far are those at m and below.
+    shared_from_here = (num_shared + 1.0)[None, :] - shared_seen
+    shared_from_here *= ranked_shared
+    increasing_position = (num_known[None, :] - (position - 1.0)[:, None]).clamp_min_(1.0)
+    common_ap = (shared_from_here / increasing_position).sum(0) / num_shared.clamp_min(1.0)
+    return exclusive_ap, common_ap, num_differ, num_shared
+
+
+def _common_ap_where_nothing_differs(
+    common_ap: torch.Tensor, ranked: torch.Tensor, num_differ: torch.Tensor, num_known: torch.Tensor,
+    total_known: torch.Tensor,
+) -> None:
+    """Overwrite ``common_ap`` of the pairs with N = 0 (rare: same-attribute pairs) by that case's rule:
+    decreasing shares, relevant = shares <= 2 / M_known. Only those pairs' columns are touched."""
+    nothing_differs = (num_differ == 0) & (num_known > 0)
+    if not bool(nothing_differs.any()):
+        return
+    columns = nothing_differs.nonzero()[:, 0]
+    ranked_here = ranked[:, columns]
+    known_here = ranked_here >= 0
+    small = known_here & ((ranked_here & ~1).view(torch.float32) * num_known[columns]
+                          <= 2.0 * total_known[columns])
+    small = small.float()
+    ranks = torch.arange(1, ranked.shape[0] + 1, device=ranked.device, dtype=torch.float32)[:, None]
+    common_ap[columns] = (small * small.cumsum(0) / ranks).sum(0) / small.sum(0).clamp_min(1.0)
+
+
+def _top_k_mask(keys: torch.Tensor, ranked: torch.Tensor, num_known: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(M, n) int32 0/1: the attribute is among its pair's top k shares.
+
+    An attribute is in the top k if its key reaches the k-th largest known key (unknown keys are
+    negative, below any known one; pairs with nothing known have no top k).
+    """
+    depth = min(top_k, ranked.shape[0])
+    kth = (num_known.clamp(max=depth) - 1).clamp_min(0).long()
+    threshold = ranked[:depth].gather(0, kth[None, :])
+    threshold.masked_fill_((num_known == 0)[None, :], torch.iinfo(torch.int32).max)
+    return (keys >= threshold).to(torch.int32)
+
+
+def _agreement_counts(
+    known_values: torch.Tensor, total_known: torch.Tensor, num_known: torch.Tensor, differ: torch.Tensor,
+    known: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M,) int32 counts of the pairs where the attribute is known, and of those where [share >
+    1 / M_known] equals [differs] (agreement)."""
+    large = torch.gt(known_values * num_known[None, :], total_known[None, :]).to(torch.int32)
+    disagree = large ^ differ
+    if known is not None:
+        disagree &= known
+        known_count = _row_counts(known)
+    else:
+        num_attributes, num_pairs = known_values.shape
+        known_count = torch.full((num_attributes,), num_pairs, dtype=torch.int32, device=known_values.device)
+    return known_count, known_count - _row_counts(disagree)
 
 
 def _row_counts(values: torch.Tensor) -> torch.Tensor:

@@ -246,6 +246,92 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _check_tile_tensors(
+    products: torch.Tensor,
+    query_norms: torch.Tensor | None,
+    gallery_norms: torch.Tensor | None,
+    target: torch.Tensor,
+    reconstructed: torch.Tensor | None,
+) -> None:
+    """Raise ValueError unless the float tensors have the dtype and memory layout the kernel reads
+    (it takes raw pointers, so a wrong layout would give wrong numbers, not an error)."""
+    _, rows, columns = products.shape
+    for name, tensor in (("products", products), ("query_norms", query_norms), ("gallery_norms", gallery_norms)):
+        if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous float32")
+    for name, tensor in (("target", target), ("reconstructed", reconstructed)):
+        if tensor is not None and (tensor.dtype != torch.float32 or tensor.shape != (rows, columns)
+                                   or tensor.stride(1) != 1):
+            raise ValueError(f"{name} must be a ({rows}, {columns}) float32 view with unit column stride")
+
+
+def _identity_parts(
+    identities: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None, rows: int, columns: int
+) -> list[torch.Tensor | None]:
+    """The four identity arrays as contiguous int64 (the kernel reads them as such), checked against the
+    tile's size; four Nones without identities."""
+    if identities is None:
+        return [None] * 4
+    parts = [part.to(torch.int64).contiguous() for part in identities]
+    if [len(part) for part in parts] != [rows, rows, columns, columns]:
+        raise ValueError(f"identities must be (query pids, query camids) of {rows} rows and (gallery pids, "
+                         f"gallery camids) of {columns} columns")
+    return parts
+
+
+@dataclass
+class _TileOutputs:
+    """The zeroed buffers the kernel writes: per-thread partial sums (added up by ``totals``, so the
+    threads never share a counter) and, with identities, the per-query share sums."""
+
+    sums: torch.Tensor  # (threads, SUM_NAMES) float64
+    tallies: torch.Tensor  # (threads, TALLY_NAMES) int64
+    histogram: torch.Tensor  # (threads, bins) float64
+    counts: torch.Tensor  # (threads, COUNT_NAMES, M) int64
+    # Per thread: a spare counter for the entries not counted (see Tile.share_histogram), then the histogram.
+    shares: torch.Tensor  # (threads, 1 + 2 * M * SHARE_BINS) int64
+    query_share_sums: torch.Tensor | None
+    query_pair_counts: torch.Tensor | None
+
+    @classmethod
+    def allocate(cls, threads: int, num_attributes: int, bins: int, rows: int,
+                 per_query: bool) -> _TileOutputs:
+        query_share_sums = query_pair_counts = None
+        if per_query:
+            query_share_sums = torch.zeros(rows, NUM_CATEGORIES, num_attributes, dtype=torch.float64)
+            query_pair_counts = torch.zeros(rows, NUM_CATEGORIES, dtype=torch.int64)
+        return cls(
+            sums=torch.zeros(threads, len(SUM_NAMES), dtype=torch.float64),
+            tallies=torch.zeros(threads, len(TALLY_NAMES), dtype=torch.int64),
+            histogram=torch.zeros(threads, bins, dtype=torch.float64),
+            counts=torch.zeros(threads, len(COUNT_NAMES), num_attributes, dtype=torch.int64),
+            shares=torch.zeros(threads, 1 + 2 * num_attributes * SHARE_BINS, dtype=torch.int64),
+            query_share_sums=query_share_sums, query_pair_counts=query_pair_counts,
+        )
+
+    def totals(self, num_attributes: int) -> TileTotals:
+        """The threads' partial results added up (the error maximum is a maximum, not a sum)."""
+        sums, counts = self.sums, self.counts
+        summed = {**dict(zip(TALLY_NAMES, self.tallies.sum(0).tolist())),
+                  **dict(zip(SUM_NAMES, sums.sum(0).tolist()))}
+        summed["error_max"] = float(sums[:, SUM_NAMES.index("error_max")].max())
+        return TileTotals(
+            **summed, histogram=self.histogram.sum(0),
+            counts={name: counts[:, index].sum(0) for index, name in enumerate(COUNT_NAMES)},
+            share_histogram=self.shares[:, 1:].sum(0).view(2, num_attributes, SHARE_BINS),
+            query_share_sums=self.query_share_sums, query_pair_counts=self.query_pair_counts,
+        )
+
+
+def _run_tile(library: ctypes.CDLL, tile: _Tile) -> None:
+    """Call the kernel on a filled ``Tile`` and turn its status code into the matching exception."""
+    status = library.attrimeter_tile_metrics(ctypes.byref(tile))
+    if status == -2:
+        raise MemoryError("the evaluator's C kernel could not allocate its ADRE bin table")
+    if status != 0:
+        raise ValueError(f"the kernel takes 1 to {MAX_ATTRIBUTES} attributes, got {tile.num_attributes}")
+
+
 def tile_totals(
     products: torch.Tensor,
     query_norms: torch.Tensor | None,
@@ -277,53 +363,25 @@ def tile_totals(
     if library is None:
         raise RuntimeError("the evaluator's C kernel is not available")
     num_attributes, rows, columns = products.shape
-    for name, tensor in (("products", products), ("query_norms", query_norms), ("gallery_norms", gallery_norms)):
-        if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()):
-            raise ValueError(f"{name} must be contiguous float32")
-    for name, tensor in (("target", target), ("reconstructed", reconstructed)):
-        if tensor is not None and (tensor.dtype != torch.float32 or tensor.shape != (rows, columns)
-                                   or tensor.stride(1) != 1):
-            raise ValueError(f"{name} must be a ({rows}, {columns}) float32 view with unit column stride")
+    _check_tile_tensors(products, query_norms, gallery_norms, target, reconstructed)
+    # The converted inputs stay referenced here until the call returns: the Tile holds raw pointers.
     mask = None if pair_mask is None else pair_mask.to(torch.uint8).contiguous()
     label_parts = [None] * 4 if labels is None else [part.contiguous() for part in labels]
+    identity_parts = _identity_parts(identities, rows, columns)
     comparators = np.ascontiguousarray(comparators, dtype=np.int32)
     log_min, log_max, bins = histogram_range
     threads = max(1, min(int(num_threads), 64, rows))
-    sums = torch.zeros(threads, len(SUM_NAMES), dtype=torch.float64)
-    tallies = torch.zeros(threads, len(TALLY_NAMES), dtype=torch.int64)
-    histogram = torch.zeros(threads, bins, dtype=torch.float64)
-    counts = torch.zeros(threads, len(COUNT_NAMES), num_attributes, dtype=torch.int64)
-    # Per thread: a spare counter for the entries not counted (see Tile.share_histogram), then the histogram.
-    shares = torch.zeros(threads, 1 + 2 * num_attributes * SHARE_BINS, dtype=torch.int64)
-    identity_parts = [None] * 4
-    query_share_sums = query_pair_counts = None
-    if identities is not None:
-        identity_parts = [part.to(torch.int64).contiguous() for part in identities]
-        if [len(part) for part in identity_parts] != [rows, rows, columns, columns]:
-            raise ValueError(f"identities must be (query pids, query camids) of {rows} rows and (gallery pids, "
-                             f"gallery camids) of {columns} columns")
-        query_share_sums = torch.zeros(rows, NUM_CATEGORIES, num_attributes, dtype=torch.float64)
-        query_pair_counts = torch.zeros(rows, NUM_CATEGORIES, dtype=torch.int64)
+    out = _TileOutputs.allocate(threads, num_attributes, bins, rows, per_query=identities is not None)
     tile = _Tile(
         num_attributes, rows, columns, products.data_ptr(), _pointer(query_norms), _pointer(gallery_norms),
         squared_floor, target.data_ptr(), target.stride(0),
         _pointer(reconstructed), 0 if reconstructed is None else reconstructed.stride(0), _pointer(mask),
         *(_pointer(part) for part in label_parts), top_k,
         comparators.ctypes.data, len(comparators), adre_min_distance, log_min, log_max, bins, threads,
-        sums.data_ptr(), tallies.data_ptr(), histogram.data_ptr(), counts.data_ptr(),
-        SHARE_BIN_SHIFT, SHARE_BIN_LOW, SHARE_BINS, shares.data_ptr(),
-        *(_pointer(part) for part in identity_parts), _pointer(query_share_sums), _pointer(query_pair_counts),
+        out.sums.data_ptr(), out.tallies.data_ptr(), out.histogram.data_ptr(), out.counts.data_ptr(),
+        SHARE_BIN_SHIFT, SHARE_BIN_LOW, SHARE_BINS, out.shares.data_ptr(),
+        *(_pointer(part) for part in identity_parts), _pointer(out.query_share_sums),
+        _pointer(out.query_pair_counts),
     )
-    status = library.attrimeter_tile_metrics(ctypes.byref(tile))
-    if status == -2:
-        raise MemoryError("the evaluator's C kernel could not allocate its ADRE bin table")
-    if status != 0:
-        raise ValueError(f"the kernel takes 1 to {MAX_ATTRIBUTES} attributes, got {num_attributes}")
-    summed = {**dict(zip(TALLY_NAMES, tallies.sum(0).tolist())), **dict(zip(SUM_NAMES, sums.sum(0).tolist()))}
-    summed["error_max"] = float(sums[:, SUM_NAMES.index("error_max")].max())  # a maximum, not a sum
-    return TileTotals(
-        **summed, histogram=histogram.sum(0),
-        counts={name: counts[:, index].sum(0) for index, name in enumerate(COUNT_NAMES)},
-        share_histogram=shares[:, 1:].sum(0).view(2, num_attributes, SHARE_BINS),
-        query_share_sums=query_share_sums, query_pair_counts=query_pair_counts,
-    )
+    _run_tile(library, tile)
+    return out.totals(num_attributes)
