@@ -179,6 +179,24 @@ class AttriMeterEngine(compat.Engine):
         self.device = torch.device("cuda" if self.use_gpu else "cpu")
         self.schema = attribute_schema_of(datamanager)
         self.attribute_names = tuple(self.schema.attributes)
+        self._check_model(model)
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.register_model("model", self.model, optimizer, scheduler)
+        self.metric = metric
+        self._set_loss_weights(weight_dd, weight_ap, weight_attr, weight_place)
+        self.evaluation = dict(evaluation or {})
+        self.trust_checkpoints = trust_checkpoints
+        self._build_losses(model, datamanager)
+        self._init_run_state()
+        self._freeze_target()
+
+    # --- construction --------------------------------------------------------------------------------
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a model that is not an AttriMeter, or one built for another number of attributes
+        than the dataset's schema has: either would fail later, in the first step, less clearly."""
         if not hasattr(model, "interpreter_parameters") or not hasattr(model, "decompose"):
             raise TypeError(
                 f"AttriMeterEngine trains an AttriMeter (torchreid_attrimeter.build_attrimeter), got "
@@ -190,20 +208,21 @@ class AttriMeterEngine(compat.Engine):
                 f"'{self.schema.name}' has {len(self.attribute_names)}: build it with num_attributes="
                 f"{len(self.attribute_names)}"
             )
-        self.model = model.to(self.device)
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.register_model("model", self.model, optimizer, scheduler)
-        self.metric = metric
+
+    def _set_loss_weights(self, weight_dd: float, weight_ap: float, weight_attr: float,
+                          weight_place: float) -> None:
+        """The loss weights, and the spatial prior of placed attributes when its weight is positive
+        (None otherwise: ``forward_backward`` then skips that term)."""
         self.weight_dd, self.weight_ap = float(weight_dd), float(weight_ap)
         self.weight_attr = float(weight_attr)
         self.weight_place = float(weight_place)
         self.place_prior = None
         if self.weight_place > 0:
             self.place_prior = PlacePriorLoss(attribute_places(self.attribute_names)).to(self.device)
-        self.evaluation = dict(evaluation or {})
-        self.trust_checkpoints = trust_checkpoints
 
+    def _build_losses(self, model: torch.nn.Module, datamanager) -> None:
+        """The distillation and prior losses, and attribute recognition when the model has an
+        attribute branch (weighted by the training set's positive ratios)."""
         self.distance_distillation = DistanceDistillationLoss()
         self.attribute_prior = AttributePriorLoss()
         self.attribute_recognition = None
@@ -211,6 +230,8 @@ class AttriMeterEngine(compat.Engine):
             self.attribute_recognition = WeightedAttributeBCE(attribute_positive_ratios(datamanager))
             self.attribute_recognition.to(self.device)
 
+    def _init_run_state(self) -> None:
+        """What a run records as it goes: results, checkpoints, random-number state, distribution."""
         self.test_results: dict[str, dict] = {}
         self.save_dir: str | None = None
         self.checkpoints = CheckpointWriter()
@@ -226,7 +247,6 @@ class AttriMeterEngine(compat.Engine):
         # training steps go through, and the run's DistributedContext; one process: the model, None.
         self.training_model: torch.nn.Module = self.model
         self.distributed = None
-        self._freeze_target()
 
     # --- the target stays frozen ------------------------------------------------------------------
 
@@ -542,14 +562,9 @@ def build_datamanager(cfg: CN):
         ) from None
 
 
-def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
-    """Data manager, target, AttriMeter model, optimizer, scheduler and engine from a config, the way
-    torchreid's scripts/main.py builds its engine."""
-
-    check_attrimeter_config(cfg)
-    if datamanager is None:
-        check_attribute_datasets(cfg)
-        datamanager = build_datamanager(cfg)
+def _checked_num_attributes(cfg: CN, datamanager) -> int:
+    """The number of attributes the interpreter explains: the data's schema's, after checking that
+    attrimeter.num_attributes and attrimeter.schema, when set, agree with it."""
     try:
         schema = attribute_schema_of(datamanager)
     except TypeError as error:
@@ -565,6 +580,12 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
             f"attrimeter.schema is '{cfg.attrimeter.schema}' but data.sources {list(cfg.data.sources)} use "
             f"the schema '{schema.name}': leave attrimeter.schema empty or pick matching datasets"
         )
+    return num_attributes
+
+
+def _build_model(cfg: CN, num_attributes: int) -> torch.nn.Module:
+    """The AttriMeter model around the configured target, with a missing or mismatched target named
+    as a ConfigError that says which option to change."""
     name, weights = target_name(cfg), target_weights(cfg)
     if name not in compat.available_model_names():
         raise ConfigError(
@@ -577,7 +598,7 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
         )
     print(f"Building target: {name} (weights {weights})")
     try:
-        model = build_attrimeter(
+        return build_attrimeter(
             name,
             num_attributes,
             target_weights=weights,
@@ -597,14 +618,29 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
             f"(or model.name) to the architecture '{weights}' was trained with, or give that model's "
             f"weights (attrimeter.target_weights / model.load_weights)"
         ) from None
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_lr_scheduler(optimizer, cfg)
-    evaluation = {
+
+
+def _evaluation_options(cfg: CN) -> dict:
+    """Keyword arguments of ``evaluate_model`` from attrimeter.eval."""
+    return {
         "pairs": cfg.attrimeter.eval.pairs,
         "topk": cfg.attrimeter.eval.topk,
         "memory_budget_mb": cfg.attrimeter.eval.memory_budget_mb,
         "amp": cfg.attrimeter.eval.amp,
     }
+
+
+def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
+    """Data manager, target, AttriMeter model, optimizer, scheduler and engine from a config, the way
+    torchreid's scripts/main.py builds its engine."""
+
+    check_attrimeter_config(cfg)
+    if datamanager is None:
+        check_attribute_datasets(cfg)
+        datamanager = build_datamanager(cfg)
+    model = _build_model(cfg, _checked_num_attributes(cfg, datamanager))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg)
     engine = AttriMeterEngine(
         datamanager,
         model,
@@ -615,7 +651,7 @@ def build_engine(cfg: CN, datamanager=None) -> AttriMeterEngine:
         weight_ap=cfg.attrimeter.weight_ap,
         weight_attr=cfg.attrimeter.weight_attr,
         weight_place=cfg.attrimeter.weight_place,
-        evaluation=evaluation,
+        evaluation=_evaluation_options(cfg),
         trust_checkpoints=cfg.attrimeter.trust_checkpoints,
         use_gpu=cfg.use_gpu,
     )

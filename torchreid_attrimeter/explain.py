@@ -434,6 +434,32 @@ def _finite(value: float) -> float | None:
 # --- the explainer -------------------------------------------------------------------------------------
 
 
+def _ranking_candidates(gallery_size: int, query_pid: int | None, gallery_pids: Sequence[int] | None,
+                        query_camid: int | None, gallery_camids: Sequence[int] | None
+                        ) -> tuple[torch.Tensor, list[str]]:
+    """Gallery indices a query may be ranked against, and notes for the reader. With identities and
+    cameras, images of the query's identity from the query's camera are left out (torchreid's
+    protocol: they would be trivial matches); a query whose identity is absent is noted, since no
+    ranked item can then be a match."""
+    notes: list[str] = []
+    candidates = torch.arange(gallery_size)
+    if None not in (query_pid, gallery_pids, query_camid, gallery_camids):
+        pids, camids = torch.as_tensor(list(gallery_pids)), torch.as_tensor(list(gallery_camids))
+        same_view = (pids == int(query_pid)) & (camids == int(query_camid))
+        if bool(same_view.any()):
+            notes.append(f"{int(same_view.sum())} gallery image(s) of identity {query_pid} from the "
+                         f"query's camera {query_camid} left out (torchreid's protocol)")
+        candidates = candidates[~same_view]
+    if query_pid is not None and gallery_pids is not None:
+        remaining = {int(gallery_pids[int(index)]) for index in candidates}
+        if int(query_pid) not in remaining:
+            notes.append(f"identity {query_pid} of the query is absent from the gallery: no ranked item "
+                         f"can be a true match")
+    if len(candidates) == 0:
+        raise ExplainError("no gallery image is left after removing the query's own camera view")
+    return candidates, notes
+
+
 class Explainer:
     """Explains the distances of an AttriMeter model's frozen target.
 
@@ -589,18 +615,8 @@ class Explainer:
         attributes (``query_labels``: M values or a (values, known) pair; ``gallery_labels``: (N, M)
         values or a ((N, M) values, (N, M) known) pair) each explanation carries both images' labels.
         """
-        if len(gallery) == 0:
-            raise ExplainError("the gallery is empty: give at least one gallery image")
-        if (query_labels is None) != (gallery_labels is None):
-            raise ExplainError("give query_labels and gallery_labels together, or neither")
-        if query_labels is not None:
-            query_labels = check_labels(query_labels, (len(self.attribute_names),), "query_labels")
-            gallery_labels = check_labels(gallery_labels, (len(gallery), len(self.attribute_names)),
-                                          "gallery_labels")
-        if gallery_pids is not None and len(gallery_pids) != len(gallery):
-            raise ExplainError(f"{len(gallery_pids)} gallery_pids for {len(gallery)} gallery images")
-        if gallery_camids is not None and len(gallery_camids) != len(gallery):
-            raise ExplainError(f"{len(gallery_camids)} gallery_camids for {len(gallery)} gallery images")
+        query_labels, gallery_labels = self._check_ranking_inputs(gallery, gallery_pids, gallery_camids,
+                                                                  query_labels, gallery_labels)
         if gallery_decomposition is None:
             gallery_decomposition = self.decompose(gallery, keep_maps=False)
         elif len(gallery_decomposition) != len(gallery):
@@ -609,37 +625,15 @@ class Explainer:
             )
         query_inputs, query_pictures = self.prepare([query])
         query_decomposition = self._decompose_tensor(query_inputs)
-
-        notes: list[str] = []
-        candidates = torch.arange(len(gallery))
-        if None not in (query_pid, gallery_pids, query_camid, gallery_camids):
-            pids, camids = torch.as_tensor(list(gallery_pids)), torch.as_tensor(list(gallery_camids))
-            same_view = (pids == int(query_pid)) & (camids == int(query_camid))
-            if bool(same_view.any()):
-                notes.append(f"{int(same_view.sum())} gallery image(s) of identity {query_pid} from the "
-                             f"query's camera {query_camid} left out (torchreid's protocol)")
-            candidates = candidates[~same_view]
-        if query_pid is not None and gallery_pids is not None:
-            remaining = {int(gallery_pids[int(index)]) for index in candidates}
-            if int(query_pid) not in remaining:
-                notes.append(f"identity {query_pid} of the query is absent from the gallery: no ranked item "
-                             f"can be a true match")
-        if len(candidates) == 0:
-            raise ExplainError("no gallery image is left after removing the query's own camera view")
+        candidates, notes = _ranking_candidates(len(gallery), query_pid, gallery_pids, query_camid,
+                                                gallery_camids)
 
         distances = pairwise_components(query_decomposition, gallery_decomposition[candidates], self.metric)
         order = torch.argsort(distances.target_distance[0], stable=True)[:max(int(topk), 1)]
         chosen = [int(candidates[int(position)]) for position in order]
 
-        chosen_inputs, chosen_pictures = self.prepare([gallery[index] for index in chosen])
-        chosen_decomposition = self._decompose_tensor(chosen_inputs)
-        explanations = [
-            self._explanation(query_decomposition, chosen_decomposition[rank:rank + 1], query_pictures[0],
-                              chosen_pictures[rank], describe_source(query), describe_source(gallery[index]),
-                              *((query_labels[0], query_labels[1], gallery_labels[0][index], gallery_labels[1][index])
-                                if query_labels is not None else ()))
-            for rank, index in enumerate(chosen)
-        ]
+        explanations = self._ranked_explanations(query, query_decomposition, query_pictures[0], gallery,
+                                                 chosen, query_labels, gallery_labels)
         ranked_pids = [int(gallery_pids[index]) for index in chosen] if gallery_pids is not None else []
         matches = ([pid == int(query_pid) for pid in ranked_pids] if query_pid is not None and ranked_pids
                    else [None] * len(chosen))
@@ -655,6 +649,40 @@ class Explainer:
             gallery_size=len(gallery),
             notes=notes,
         )
+
+    def _check_ranking_inputs(self, gallery: Sequence[ImageInput], gallery_pids: Sequence[int] | None,
+                              gallery_camids: Sequence[int] | None, query_labels: Any,
+                              gallery_labels: Any) -> tuple[Any, Any]:
+        """Refuse an empty gallery, labels of one side only, and identities or cameras that do not
+        match the gallery's length; returns the labels checked (see ``check_labels``) or two Nones."""
+        if len(gallery) == 0:
+            raise ExplainError("the gallery is empty: give at least one gallery image")
+        if (query_labels is None) != (gallery_labels is None):
+            raise ExplainError("give query_labels and gallery_labels together, or neither")
+        if query_labels is not None:
+            query_labels = check_labels(query_labels, (len(self.attribute_names),), "query_labels")
+            gallery_labels = check_labels(gallery_labels, (len(gallery), len(self.attribute_names)),
+                                          "gallery_labels")
+        if gallery_pids is not None and len(gallery_pids) != len(gallery):
+            raise ExplainError(f"{len(gallery_pids)} gallery_pids for {len(gallery)} gallery images")
+        if gallery_camids is not None and len(gallery_camids) != len(gallery):
+            raise ExplainError(f"{len(gallery_camids)} gallery_camids for {len(gallery)} gallery images")
+        return query_labels, gallery_labels
+
+    def _ranked_explanations(self, query: ImageInput, query_decomposition: Decomposition,
+                             query_picture: np.ndarray, gallery: Sequence[ImageInput], chosen: list[int],
+                             query_labels: Any, gallery_labels: Any) -> list[Explanation]:
+        """Explanations of the query with each chosen gallery image, in rank order. Only the chosen
+        images are decomposed again, with maps (the ranking needed none)."""
+        chosen_inputs, chosen_pictures = self.prepare([gallery[index] for index in chosen])
+        chosen_decomposition = self._decompose_tensor(chosen_inputs)
+        return [
+            self._explanation(query_decomposition, chosen_decomposition[rank:rank + 1], query_picture,
+                              chosen_pictures[rank], describe_source(query), describe_source(gallery[index]),
+                              *((query_labels[0], query_labels[1], gallery_labels[0][index], gallery_labels[1][index])
+                                if query_labels is not None else ()))
+            for rank, index in enumerate(chosen)
+        ]
 
     @torch.no_grad()
     def average_maps(self, images: Sequence[ImageInput], attributes: torch.Tensor,

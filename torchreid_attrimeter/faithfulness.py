@@ -322,14 +322,10 @@ def _group_mask(schema: AttributeSchema, changed: torch.Tensor) -> torch.Tensor:
     return changed_groups[:, group_index]
 
 
-def counterfactual_benchmark(explainer, pairs: Sequence[CounterfactualPair], schema: AttributeSchema,
-                             frequencies: torch.Tensor, *, ks: Sequence[int] = (1, 3), seed: int = 0,
-                             batch_size: int = 64) -> dict[str, Any]:
-    """Attribution accuracy of the explainer's interpreter on counterfactual pairs, and of the
-    uniform, frequency and random-map references. Returns a JSON-safe dict: ``methods`` (name ->
-    scores, see ``score_attribution``, plus ``top1_macro``: top-1 averaged over the kinds of change),
-    ``per_change`` (interpreter top-1 and changed share per changed
-    attribute / colour group), ``chance_top1`` (mean |changed| / M) and pair counts."""
+def _checked_frequencies(explainer, pairs: Sequence[CounterfactualPair], schema: AttributeSchema,
+                         frequencies: torch.Tensor) -> torch.Tensor:
+    """``frequencies`` as an (M,) float tensor, after checking that the interpreter explains the
+    schema's attributes and that there are pairs to measure."""
     if tuple(explainer.attribute_names) != tuple(schema.attributes):
         raise FaithfulnessError(
             f"the interpreter explains {len(explainer.attribute_names)} attributes "
@@ -342,9 +338,14 @@ def counterfactual_benchmark(explainer, pairs: Sequence[CounterfactualPair], sch
     frequencies = torch.as_tensor(frequencies, dtype=torch.float32)
     if frequencies.shape != (num_attributes,) or bool((frequencies < 0).any()):
         raise FaithfulnessError(f"frequencies must be ({num_attributes},) non-negative, got {tuple(frequencies.shape)}")
-    changed = torch.zeros(len(pairs), num_attributes, dtype=torch.bool)
-    for row, pair in enumerate(pairs):
-        changed[row, list(pair.changed)] = True
+    return frequencies
+
+
+def _benchmark_shares(explainer, pairs: Sequence[CounterfactualPair], frequencies: torch.Tensor, seed: int,
+                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(target distances (N,), the interpreter's shares (N, M), the references' shares by name): the
+    uniform, frequency and random-map references, and the region oracle when every pair has regions."""
+    num_attributes = len(frequencies)
     originals = [pair.original for pair in pairs]
     counterfactuals = [pair.counterfactual for pair in pairs]
     distance, interpreter_shares = pair_shares(explainer, originals, counterfactuals, batch_size=batch_size)
@@ -358,16 +359,27 @@ def counterfactual_benchmark(explainer, pairs: Sequence[CounterfactualPair], sch
     if all(pair.regions is not None for pair in pairs):
         _, references["region_oracle"] = pair_shares(explainer, originals, counterfactuals,
                                                      regions=[pair.regions for pair in pairs], batch_size=batch_size)
-    groups = _group_mask(schema, changed)
-    kinds = [pair.kind for pair in pairs]
-    kind_rows = {kind: torch.tensor([k == kind for k in kinds]) for kind in dict.fromkeys(kinds)}
+    return distance, interpreter_shares, references
+
+
+def _method_scores(shares_by_method: dict[str, torch.Tensor], changed: torch.Tensor, ks: Sequence[int],
+                   groups: torch.Tensor, kind_rows: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """``score_attribution`` of each method's shares, plus ``top1_macro``."""
     methods = {}
-    for name, shares in {"interpreter": interpreter_shares, **references}.items():
+    for name, shares in shares_by_method.items():
         methods[name] = score_attribution(shares, changed, ks, groups)
         # every kind of change weighs the same (an image gives 17 colour pairs but one pair per binary)
         top1 = topk_hit_rate(shares, changed, 1)
         methods[name]["top1_macro"] = 100.0 * float(torch.stack([top1[rows].mean() for rows in kind_rows.values()]
                                                                 ).mean())
+    return methods
+
+
+def _per_change_scores(distance: torch.Tensor, interpreter_shares: torch.Tensor, changed: torch.Tensor,
+                       kind_rows: dict[str, torch.Tensor], oracle_shares: torch.Tensor | None
+                       ) -> dict[str, dict[str, float]]:
+    """Per kind of change: pair count, mean target distance, the interpreter's top-1 and changed
+    share, and the region oracle's top-1 when it was measured."""
     top1 = topk_hit_rate(interpreter_shares, changed, 1)
     per_change = {
         kind: {
@@ -378,10 +390,35 @@ def counterfactual_benchmark(explainer, pairs: Sequence[CounterfactualPair], sch
         }
         for kind, rows in kind_rows.items()
     }
-    if "region_oracle" in references:
-        oracle_top1 = topk_hit_rate(references["region_oracle"], changed, 1)
+    if oracle_shares is not None:
+        oracle_top1 = topk_hit_rate(oracle_shares, changed, 1)
         for kind, rows in kind_rows.items():
             per_change[kind]["region_oracle_top1"] = 100.0 * float(oracle_top1[rows].mean())
+    return per_change
+
+
+def counterfactual_benchmark(explainer, pairs: Sequence[CounterfactualPair], schema: AttributeSchema,
+                             frequencies: torch.Tensor, *, ks: Sequence[int] = (1, 3), seed: int = 0,
+                             batch_size: int = 64) -> dict[str, Any]:
+    """Attribution accuracy of the explainer's interpreter on counterfactual pairs, and of the
+    uniform, frequency and random-map references. Returns a JSON-safe dict: ``methods`` (name ->
+    scores, see ``score_attribution``, plus ``top1_macro``: top-1 averaged over the kinds of change),
+    ``per_change`` (interpreter top-1 and changed share per changed
+    attribute / colour group), ``chance_top1`` (mean |changed| / M) and pair counts."""
+    frequencies = _checked_frequencies(explainer, pairs, schema, frequencies)
+    num_attributes = schema.num_attributes
+    changed = torch.zeros(len(pairs), num_attributes, dtype=torch.bool)
+    for row, pair in enumerate(pairs):
+        changed[row, list(pair.changed)] = True
+    distance, interpreter_shares, references = _benchmark_shares(explainer, pairs, frequencies, seed,
+                                                                 batch_size)
+    groups = _group_mask(schema, changed)
+    kinds = [pair.kind for pair in pairs]
+    kind_rows = {kind: torch.tensor([k == kind for k in kinds]) for kind in dict.fromkeys(kinds)}
+    methods = _method_scores({"interpreter": interpreter_shares, **references}, changed, ks, groups,
+                             kind_rows)
+    per_change = _per_change_scores(distance, interpreter_shares, changed, kind_rows,
+                                    references.get("region_oracle"))
     return {
         "pairs": len(pairs),
         "images": len({pair.image_name for pair in pairs}),

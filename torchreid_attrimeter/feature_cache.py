@@ -62,6 +62,68 @@ class _ImageList(Dataset):
         return self.transform(read_image_checked(self.paths[index]))
 
 
+def _stem_and_feature_map(model: torch.nn.Module, split,
+                          images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's stem output and feature map of a batch, refusing targets whose stem output is not
+    one tensor or whose embedding needs context besides the feature map: the cache stores neither."""
+    state = split.stem(images)
+    if not torch.is_tensor(state):
+        raise FeatureCacheError(
+            f"the target '{model.target_spec.get('name')}' passes a {type(state).__name__} "
+            f"between its stem and trunk; attrimeter.cache_target_features supports targets "
+            f"whose stem output is one tensor (OSNet, ResNet, ...). Turn the cache off."
+        )
+    feature_map, context = split.trunk(state)
+    if context is not None:
+        raise FeatureCacheError(
+            f"the target '{model.target_spec.get('name')}' adds context outside its feature map "
+            f"to the embedding; attrimeter.cache_target_features does not store it. Turn the "
+            f"cache off."
+        )
+    return state, feature_map
+
+
+def _run_target(model: torch.nn.Module, split, loader: DataLoader, total: int, views: int, *, keep_stem: bool,
+                device: torch.device, start: float,
+                progress: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(feature maps (N, V, C, h, w), stem outputs (N, V, C_s, h_s, w_s) or None) of the loader's
+    ``total`` images in float16 on CPU, view 1 mirrored. Stores are allocated at the first batch, when
+    the shapes are known; progress is printed every 10 s and at the end."""
+    feature_maps = stem_states = None
+    done, last_print = 0, 0.0
+    for images in loader:
+        images = images.to(device)
+        rows = slice(done, done + images.shape[0])
+        for view in range(views):
+            batch = torch.flip(images, dims=[3]) if view else images
+            state, feature_map = _stem_and_feature_map(model, split, batch)
+            if feature_maps is None:
+                feature_maps = torch.empty((total, views, *feature_map.shape[1:]), dtype=torch.float16)
+                if keep_stem:
+                    stem_states = torch.empty((total, views, *state.shape[1:]), dtype=torch.float16)
+            feature_maps[rows, view] = feature_map.to("cpu", torch.float16)
+            if keep_stem:
+                stem_states[rows, view] = state.to("cpu", torch.float16)
+        done += images.shape[0]
+        elapsed = time.time() - start
+        if progress and (elapsed - last_print > 10 or done == total):
+            last_print = elapsed
+            eta = elapsed / done * (total - done)
+            print(f"caching target features: {done}/{total} images x {views} view(s), "
+                  f"{elapsed:.0f} s elapsed, eta {eta:.0f} s", flush=True)
+    return feature_maps, stem_states
+
+
+def _training_labels(items: Sequence[tuple], labels_of) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pids (N,) int64, attributes (N, M) float32, attributes_known (N, M) bool) of the items."""
+    labels = [labels_of(item[0]) for item in items]
+    pids = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+    attributes = torch.as_tensor(torch.stack([torch.as_tensor(values) for values, _ in labels]),
+                                 dtype=torch.float32)
+    attributes_known = torch.stack([torch.as_tensor(known) for _, known in labels]).bool()
+    return pids, attributes, attributes_known
+
+
 class TargetFeatureCache:
     """The frozen target's stem output (trunk variant) and feature map of every training image, for
     each view (0 = as is, 1 = mirrored).
@@ -108,49 +170,10 @@ class TargetFeatureCache:
         loader = DataLoader(_ImageList(items, transform), batch_size=batch_size, shuffle=False,
                             num_workers=workers)
         views = 2 if flips else 1
-        feature_maps = stem_states = None
-        start, done, last_print = time.time(), 0, 0.0
-        for images in loader:
-            images = images.to(device)
-            rows = slice(done, done + images.shape[0])
-            for view in range(views):
-                batch = torch.flip(images, dims=[3]) if view else images
-                state = split.stem(batch)
-                if not torch.is_tensor(state):
-                    raise FeatureCacheError(
-                        f"the target '{model.target_spec.get('name')}' passes a {type(state).__name__} "
-                        f"between its stem and trunk; attrimeter.cache_target_features supports targets "
-                        f"whose stem output is one tensor (OSNet, ResNet, ...). Turn the cache off."
-                    )
-                feature_map, context = split.trunk(state)
-                if context is not None:
-                    raise FeatureCacheError(
-                        f"the target '{model.target_spec.get('name')}' adds context outside its feature map "
-                        f"to the embedding; attrimeter.cache_target_features does not store it. Turn the "
-                        f"cache off."
-                    )
-                if feature_maps is None:
-                    feature_maps = torch.empty((len(items), views, *feature_map.shape[1:]), dtype=torch.float16)
-                    if keep_stem:
-                        stem_states = torch.empty((len(items), views, *state.shape[1:]), dtype=torch.float16)
-                feature_maps[rows, view] = feature_map.to("cpu", torch.float16)
-                if keep_stem:
-                    stem_states[rows, view] = state.to("cpu", torch.float16)
-            done += images.shape[0]
-            elapsed = time.time() - start
-            if progress and (elapsed - last_print > 10 or done == len(items)):
-                last_print = elapsed
-                eta = elapsed / done * (len(items) - done)
-                print(f"caching target features: {done}/{len(items)} images x {views} view(s), "
-                      f"{elapsed:.0f} s elapsed, eta {eta:.0f} s", flush=True)
-        labels = [labels_of(item[0]) for item in items]
-        cache = cls(
-            feature_maps, stem_states,
-            pids=torch.as_tensor([int(item[1]) for item in items], dtype=torch.long),
-            attributes=torch.as_tensor(torch.stack([torch.as_tensor(values) for values, _ in labels]),
-                                       dtype=torch.float32),
-            attributes_known=torch.stack([torch.as_tensor(known) for _, known in labels]).bool(),
-        )
+        start = time.time()
+        feature_maps, stem_states = _run_target(model, split, loader, len(items), views, keep_stem=keep_stem,
+                                                device=device, start=start, progress=progress)
+        cache = cls(feature_maps, stem_states, *_training_labels(items, labels_of))
         if progress:
             print(f"cached target features of {len(items)} images x {views} view(s): "
                   f"{cache.nbytes / 2**20:.0f} MB in {time.time() - start:.0f} s", flush=True)
