@@ -381,6 +381,22 @@ def _load_mat(path: str, schema: AttributeSchema) -> np.ndarray:
 
 def _read_split(record: np.ndarray, split: str, schema: AttributeSchema, path: str
                 ) -> tuple[SplitLabels, list[Irregularity]]:
+    """One split's labels, in the schema's attribute order, and what is odd about them. The file's
+    layout is refused when wrong (AttributeFileError); odd annotations are kept and reported."""
+    identities = _split_identities(record, split, schema, path)
+    raw_fields = _split_fields(record, split, schema, path, len(identities))
+    values, known = _encode_attributes(raw_fields, schema, len(identities))
+    irregularities = [
+        *_invalid_values(raw_fields, split, schema, identities),
+        *_one_sided_attributes(values, known, split, schema),
+        *_one_of_group_problems(values, known, split, schema, identities),
+    ]
+    return SplitLabels(split, identities, values, known), irregularities
+
+
+def _split_identities(record: np.ndarray, split: str, schema: AttributeSchema, path: str) -> np.ndarray:
+    """The split's identities (its image_index), after checking that it has the schema's fields and
+    lists no identity twice (a label lookup by identity would be ambiguous)."""
     fields = _field_names(record)
     missing = [name for name in (*schema.file_fields, "image_index") if name not in fields]
     if missing:
@@ -393,7 +409,13 @@ def _read_split(record: np.ndarray, split: str, schema: AttributeSchema, path: s
     if len(set(identities.tolist())) != len(identities):
         repeated = sorted({pid for pid in identities.tolist() if (identities == pid).sum() > 1})
         raise AttributeFileError(f"'{path}': split '{split}' lists identities {repeated[:10]} more than once")
-    count = len(identities)
+    return identities
+
+
+def _split_fields(record: np.ndarray, split: str, schema: AttributeSchema, path: str,
+                  count: int) -> dict[str, np.ndarray]:
+    """The schema's file fields of the split as (count,) int64, each checked to hold one number per
+    identity."""
     raw_fields: dict[str, np.ndarray] = {}
     for name in schema.file_fields:
         raw = np.asarray(record[name]).reshape(-1)
@@ -403,7 +425,27 @@ def _read_split(record: np.ndarray, split: str, schema: AttributeSchema, path: s
                 f"in image_index; expected one number per identity"
             )
         raw_fields[name] = raw.astype(np.int64)
+    return raw_fields
 
+
+def _encode_attributes(raw_fields: dict[str, np.ndarray], schema: AttributeSchema,
+                       count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(count, M) values in {0, 1} and (count, M) known: a column is known where its file field holds
+    a value of its encoding, and positive where that value is the attribute's."""
+    size = schema.num_attributes
+    values = np.zeros((count, size), dtype=np.float32)
+    known = np.zeros((count, size), dtype=bool)
+    for column, attribute in enumerate(schema.attributes):
+        name, positive, encoding = schema.sources[attribute]
+        raw = raw_fields[name]
+        known[:, column] = np.isin(raw, encoding)
+        values[:, column] = ((raw == positive) & known[:, column]).astype(np.float32)
+    return values, known
+
+
+def _invalid_values(raw_fields: dict[str, np.ndarray], split: str, schema: AttributeSchema,
+                    identities: np.ndarray) -> list[Irregularity]:
+    """File values outside their field's encoding (``_encode_attributes`` treats them as unknown)."""
     irregularities: list[Irregularity] = []
     for name, raw in raw_fields.items():
         encoding = next(src[2] for src in schema.sources.values() if src[0] == name)
@@ -413,19 +455,16 @@ def _read_split(record: np.ndarray, split: str, schema: AttributeSchema, path: s
             irregularities.append(Irregularity(
                 "invalid_value", split, name, tuple(identities[invalid].tolist()),
                 f"value(s) {found} outside the encoding {list(encoding)}: treated as unknown"))
+    return irregularities
 
-    size = schema.num_attributes
-    values = np.zeros((count, size), dtype=np.float32)
-    known = np.zeros((count, size), dtype=bool)
-    for column, attribute in enumerate(schema.attributes):
-        name, positive, encoding = schema.sources[attribute]
-        raw = raw_fields[name]
-        known[:, column] = np.isin(raw, encoding)
-        values[:, column] = ((raw == positive) & known[:, column]).astype(np.float32)
 
+def _one_sided_attributes(values: np.ndarray, known: np.ndarray, split: str,
+                          schema: AttributeSchema) -> list[Irregularity]:
+    """Attributes that no identity, or every identity, of the split has where known."""
+    irregularities: list[Irregularity] = []
     for column, attribute in enumerate(schema.attributes):
         if schema.sources[attribute][0] == "age":
-            continue  # age's one-hot columns are checked as a group below
+            continue  # age's one-hot columns come from one file field, not from yes/no fields of their own
         known_column = known[:, column]
         if known_column.any():
             if not (values[known_column, column] > 0.5).any():
@@ -434,7 +473,14 @@ def _read_split(record: np.ndarray, split: str, schema: AttributeSchema, path: s
             elif (values[known_column, column] > 0.5).all():
                 irregularities.append(Irregularity(
                     "no_negative", split, attribute, (), "every identity is positive (kept as annotated)"))
+    return irregularities
 
+
+def _one_of_group_problems(values: np.ndarray, known: np.ndarray, split: str, schema: AttributeSchema,
+                           identities: np.ndarray) -> list[Irregularity]:
+    """Identities with no positive, or several, in a one-of group (such as the upper-body colours)
+    whose columns are all known."""
+    irregularities: list[Irregularity] = []
     for group in schema.exclusive_groups:
         if group == "age":
             continue  # age is one file field: exactly one of its columns is positive when known
@@ -448,7 +494,7 @@ def _read_split(record: np.ndarray, split: str, schema: AttributeSchema, path: s
         ):
             if mask.any():
                 irregularities.append(Irregularity(kind, split, group, tuple(identities[mask].tolist()), detail))
-    return SplitLabels(split, identities, values, known), irregularities
+    return irregularities
 
 
 def _split_order(names: Iterable[str]) -> list[str]:

@@ -477,94 +477,147 @@ def write_report(explainer, queries: Sequence[ImageRecord], gallery: Sequence[Im
     return files
 
 
+@dataclass
+class _StagedFiles:
+    """Writes report files into the staging folder while ``files`` records where they will end up:
+    errors and the returned paths name the final folder, the one the user asked for."""
+
+    staged: str
+    files: ReportFiles
+
+    def _final(self, name: str) -> str:
+        return os.path.join(self.files.folder, name)
+
+    def save_png(self, png: bytes, name: str) -> None:
+        _write_file(os.path.join(self.staged, name), png, shown_as=self._final(name))
+        self.files.pngs.append(self._final(name))
+
+    def save_json(self, data: Any, name: str) -> None:
+        write_json(os.path.join(self.staged, name), data, shown_as=self._final(name))
+        self.files.jsons.append(self._final(name))
+
+
+class _RankingGallery:
+    """The gallery as every query's ``explain_ranking`` needs it, prepared once: its paths, its
+    decomposition (the expensive part, shared by all queries) and the identities, cameras and labels
+    passed only when every image (identities, cameras) or any image (labels) has them."""
+
+    def __init__(self, explainer, gallery: Sequence[ImageRecord]):
+        self.explainer = explainer
+        self.paths = [record.path for record in gallery]
+        self.pids = [record.pid for record in gallery]
+        self.camids = [record.camid for record in gallery]
+        self.identities_known = all(pid is not None for pid in self.pids)
+        self.cameras_known = all(camid is not None for camid in self.camids)
+        self.decomposition = explainer.decompose(self.paths, keep_maps=False)
+        self.num_attributes = len(explainer.attribute_names)
+        self.labels = _gallery_labels(gallery, self.num_attributes)
+        self.unknown_labels = (np.zeros((len(gallery), self.num_attributes), np.float32),
+                               np.zeros((len(gallery), self.num_attributes), bool))
+
+    def explain(self, query: ImageRecord, topk: int) -> RankingExplanation:
+        """``explain_ranking`` of ``query`` against the gallery, with what is known of both."""
+        # Labels are passed when any image has them (images without count as unknown).
+        labelled = self.labels is not None or query.labels is not None
+        return self.explainer.explain_ranking(
+            query.path, self.paths, topk,
+            query_pid=query.pid if self.identities_known else None,
+            gallery_pids=self.pids if self.identities_known else None,
+            query_camid=query.camid if self.cameras_known else None,
+            gallery_camids=self.camids if self.cameras_known else None,
+            gallery_decomposition=self.decomposition,
+            query_labels=_labels_or_unknown(query, self.num_attributes) if labelled else None,
+            gallery_labels=(self.labels if self.labels is not None else self.unknown_labels) if labelled else None,
+        )
+
+
 def _write_report_files(explainer, queries: Sequence[ImageRecord], gallery: Sequence[ImageRecord], staged: str,
                         folder: str, *, topk: int, top_attributes: int, info: Mapping[str, Any] | None,
                         average_maps_images: Sequence[ImageRecord], average_maps_labels, title: str,
                         dpi: int, sections: Sequence[str] = ()) -> ReportFiles:
     """The files of ``write_report``, written into ``staged``; the returned paths are in ``folder``,
     where they will be once the staged folder is renamed."""
+    files = ReportFiles(folder=folder, index=os.path.join(folder, REPORT_INDEX))
+    out = _StagedFiles(staged, files)
+    ranking_gallery = _RankingGallery(explainer, gallery)
+    entries = [_explain_query(ranking_gallery, query, number, out, topk=topk,
+                              top_attributes=top_attributes, dpi=dpi)
+               for number, query in enumerate(queries, 1)]
+    _check_some_query_explained(queries, entries, files.failed_queries)
+    extra = _write_average_maps(explainer, average_maps_images, average_maps_labels, out, dpi)
+    _write_file(os.path.join(staged, REPORT_INDEX),
+                build_report_html(entries, title=title, info=info, extra_figures=extra, sections=sections),
+                shown_as=files.index)
+    return files
+
+
+def _explain_query(gallery: _RankingGallery, query: ImageRecord, number: int, out: _StagedFiles, *,
+                   topk: int, top_attributes: int, dpi: int) -> QueryEntry:
+    """Explain query ``number`` and write its figures and JSON. A query whose image cannot be read is
+    recorded (its JSON holds the error, ``failed_queries`` its path) rather than raised, so that one
+    bad query does not cost the whole report."""
     from torchreid_attrimeter.data import CorruptImageError
     from torchreid_attrimeter.explain import ExplainError
-    from torchreid_attrimeter.visualize import (
-        draw_average_maps,
-        draw_pair,
-        draw_ranking,
-        figure_png_bytes,
-    )
 
-    files = ReportFiles(folder=folder, index=os.path.join(folder, REPORT_INDEX))
-    gallery_paths = [record.path for record in gallery]
-    gallery_pids = [record.pid for record in gallery]
-    gallery_camids = [record.camid for record in gallery]
-    identities_known = all(pid is not None for pid in gallery_pids)
-    cameras_known = all(camid is not None for camid in gallery_camids)
-    gallery_decomposition = explainer.decompose(gallery_paths, keep_maps=False)
-    num_attributes = len(explainer.attribute_names)
-    gallery_labels = _gallery_labels(gallery, num_attributes)
-    unknown_gallery = (np.zeros((len(gallery), num_attributes), np.float32),
-                       np.zeros((len(gallery), num_attributes), bool))
+    entry = QueryEntry(name=os.path.basename(query.path), json_file=f"{_query_stem(number)}.json")
+    try:
+        ranking = gallery.explain(query, topk)
+    except (FileNotFoundError, CorruptImageError, ExplainError) as error:
+        entry.error = str(error)
+        out.files.failed_queries.append(query.path)
+        out.save_json({"query": query.path, "error": entry.error}, entry.json_file)
+        return entry
+    entry.ranking = ranking
+    _write_query_figures(entry, number, out, top_attributes=top_attributes, dpi=dpi)
+    return entry
 
-    def save_png(png: bytes, name: str) -> None:
-        _write_file(os.path.join(staged, name), png, shown_as=os.path.join(folder, name))
-        files.pngs.append(os.path.join(folder, name))
 
-    def save_json(data: Any, name: str) -> None:
-        write_json(os.path.join(staged, name), data, shown_as=os.path.join(folder, name))
-        files.jsons.append(os.path.join(folder, name))
+def _write_query_figures(entry: QueryEntry, number: int, out: _StagedFiles, *, top_attributes: int,
+                         dpi: int) -> None:
+    """Draw an explained query's ranked list and one pair figure per ranked item, keep their PNGs in
+    ``entry`` (the HTML embeds them) and write them, then its JSON, which names each figure's file."""
+    from torchreid_attrimeter.visualize import draw_pair, draw_ranking, figure_png_bytes
 
-    entries = []
-    for number, query in enumerate(queries, 1):
-        stem = _query_stem(number)
-        entry = QueryEntry(name=os.path.basename(query.path), json_file=f"{stem}.json")
-        # Labels are passed when any image has them (images without count as unknown).
-        labelled = gallery_labels is not None or query.labels is not None
-        try:
-            ranking = explainer.explain_ranking(
-                query.path, gallery_paths, topk,
-                query_pid=query.pid if identities_known else None,
-                gallery_pids=gallery_pids if identities_known else None,
-                query_camid=query.camid if cameras_known else None,
-                gallery_camids=gallery_camids if cameras_known else None,
-                gallery_decomposition=gallery_decomposition,
-                query_labels=_labels_or_unknown(query, num_attributes) if labelled else None,
-                gallery_labels=(gallery_labels if gallery_labels is not None else unknown_gallery) if labelled else None,
-            )
-        except (FileNotFoundError, CorruptImageError, ExplainError) as error:
-            entry.error = str(error)
-            files.failed_queries.append(query.path)
-            save_json({"query": query.path, "error": entry.error}, entry.json_file)
-            entries.append(entry)
-            continue
-        entry.ranking = ranking
-        figure = draw_ranking(ranking, attributes_per_item=top_attributes, title=f"query {number}")
-        entry.ranking_png = figure_png_bytes(figure, dpi)
-        save_png(entry.ranking_png, f"{stem}_ranking.png")
-        record = ranking.to_dict()
-        for rank, explanation in enumerate(ranking.explanations, 1):
-            png = figure_png_bytes(draw_pair(explanation, k=top_attributes,
-                                             title=f"query {number}, rank {rank}"), dpi)
-            entry.pair_pngs.append(png)
-            save_png(png, f"{stem}_rank-{rank:02d}.png")
-            record["ranked"][rank - 1]["figure"] = f"{stem}_rank-{rank:02d}.png"
-        record["figure"] = f"{stem}_ranking.png"
-        save_json(record, entry.json_file)
-        entries.append(entry)
-    if len(files.failed_queries) == len(queries):
+    stem, ranking = _query_stem(number), entry.ranking
+    figure = draw_ranking(ranking, attributes_per_item=top_attributes, title=f"query {number}")
+    entry.ranking_png = figure_png_bytes(figure, dpi)
+    out.save_png(entry.ranking_png, f"{stem}_ranking.png")
+    record = ranking.to_dict()
+    for rank, explanation in enumerate(ranking.explanations, 1):
+        png = figure_png_bytes(draw_pair(explanation, k=top_attributes,
+                                         title=f"query {number}, rank {rank}"), dpi)
+        entry.pair_pngs.append(png)
+        out.save_png(png, f"{stem}_rank-{rank:02d}.png")
+        record["ranked"][rank - 1]["figure"] = f"{stem}_rank-{rank:02d}.png"
+    record["figure"] = f"{stem}_ranking.png"
+    out.save_json(record, entry.json_file)
+
+
+def _check_some_query_explained(queries: Sequence[ImageRecord], entries: Sequence[QueryEntry],
+                                failed_queries: Sequence[str]) -> None:
+    """Refuse a report in which no query could be explained (it would show nothing), naming the
+    first query's problem."""
+    from torchreid_attrimeter.explain import ExplainError
+
+    if len(failed_queries) == len(queries):
         first = entries[0]
         raise ExplainError(
             f"all {len(queries)} queries failed, so no report was written; the first, '{queries[0].path}': "
             f"{first.error}"
         )
 
-    extra = {}
-    if average_maps_images and average_maps_labels is not None:
-        values, known = average_maps_labels
-        average = explainer.average_maps([record.path for record in average_maps_images], values, known)
-        extra["average attention maps"] = figure_png_bytes(draw_average_maps(average), dpi)
-        save_png(extra["average attention maps"], "average_maps.png")
-        save_json({**average.to_dict(), "images": len(average_maps_images)}, "average_maps.json")
 
-    _write_file(os.path.join(staged, REPORT_INDEX),
-                build_report_html(entries, title=title, info=info, extra_figures=extra, sections=sections),
-                shown_as=files.index)
-    return files
+def _write_average_maps(explainer, images: Sequence[ImageRecord], labels, out: _StagedFiles,
+                        dpi: int) -> dict[str, bytes]:
+    """The dataset-level average maps of ``images`` with their ``labels`` ((N, M) values, (N, M) known),
+    written as PNG and JSON; returned as the report's extra figures (none without images or labels)."""
+    from torchreid_attrimeter.visualize import draw_average_maps, figure_png_bytes
+
+    extra = {}
+    if images and labels is not None:
+        values, known = labels
+        average = explainer.average_maps([record.path for record in images], values, known)
+        extra["average attention maps"] = figure_png_bytes(draw_average_maps(average), dpi)
+        out.save_png(extra["average attention maps"], "average_maps.png")
+        out.save_json({**average.to_dict(), "images": len(images)}, "average_maps.json")
+    return extra

@@ -235,18 +235,25 @@ def main(argv: list[str] | None = None) -> dict:
                    ATTRIMETER_CONFIG, report_opts, os.path.join(output, "report"))
 
     total = time.time() - start
-    results = record["datasets"]["synthetic_attr"]
+    _print_summary(record["datasets"]["synthetic_attr"], timings, total, _cpu_seconds() - cpu_start, output,
+                   report)
+    record["timings_seconds"] = {**{title: wall for title, (wall, _) in timings.items()}, "total": total}
+    return record
+
+
+def _print_summary(results: dict, timings: dict[str, tuple[float, float]], total: float, total_cpu: float,
+                   output: str, report: str) -> None:
+    """The demo's closing lines: each step's wall and CPU time, the target's and the interpreter's
+    retrieval and ADRE, and where to look next."""
     print("\n=== Demo finished ===")
     for title, (seconds, cpu_seconds) in timings.items():
         print(f"{title:<45s} {seconds:7.0f} s   (CPU {cpu_seconds:6.0f} s)")
-    print(f"{'total':<45s} {total:7.0f} s   (CPU {_cpu_seconds() - cpu_start:6.0f} s)")
+    print(f"{'total':<45s} {total:7.0f} s   (CPU {total_cpu:6.0f} s)")
     print(f"target      R1 {results['target_rank1']:.2f}  mAP {results['target_mAP']:.2f}")
     print(f"interpreter R1 {results['interpreter_rank1']:.2f}  mAP {results['interpreter_mAP']:.2f}  "
           f"ADRE {results['ADRE']:.2f} %")
     print(f"Results, logs and checkpoints: {os.path.join(output, 'attrimeter')}")
     print(f"Explanations (open in a browser): {report}")
-    record["timings_seconds"] = {**{title: wall for title, (wall, _) in timings.items()}, "total": total}
-    return record
 
 
 def cli(argv: list[str] | None = None) -> int:

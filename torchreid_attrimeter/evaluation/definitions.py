@@ -111,29 +111,38 @@ class Split(NamedTuple):
     known: torch.Tensor  # (n, M) bool: the label is annotated
 
 
+def _distance(a: np.ndarray, b: np.ndarray, metric: str) -> float:
+    """The distance of two embeddings under ``metric`` ('cosine': 1 - cos, else Euclidean)."""
+    if metric == "cosine":
+        return 1 - float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return float(np.linalg.norm(a - b))
+
+
+def _pair_distances(query: Split, gallery: Split, metric: str, num_attributes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair's target distance (Q, G) and attribute components d^m (Q, G, M), one at a time."""
+    q_emb, g_emb = query.decomposition.embedding.numpy(), gallery.decomposition.embedding.numpy()
+    q_att, g_att = query.decomposition.attribute_embeddings.numpy(), gallery.decomposition.attribute_embeddings.numpy()
+    target = np.array([[_distance(a, b, metric) for b in g_emb] for a in q_emb])
+    components = np.array([[[_distance(q_att[q, m], g_att[g, m], metric) for m in range(num_attributes)]
+                            for g in range(len(g_emb))] for q in range(len(q_emb))])
+    return target, components
+
+
 def evaluate_pairs(query: Split, gallery: Split, attribute_names: Sequence[str], metric: str = "euclidean",
                    top_k: int = 3, pairs: Sequence[tuple[int, int]] | None = None,
                    ranks: Sequence[int] = (1, 5, 10)) -> dict:
     """Every figure of the evaluator, pair by pair: retrieval of the target and of the interpreter (over
     all pairs), and ADRE, X-mAP_e, X-mAP_c and the per-attribute figures over ``pairs`` (q, g) (default:
     all). Same keys as ``ExplanationEvaluator.evaluate``, plus ``ADRE_errors`` (each pair's error)."""
-    def distance(a, b):
-        if metric == "cosine":
-            return 1 - float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-        return float(np.linalg.norm(a - b))
-
     num_attributes = len(attribute_names)
-    q_emb, g_emb = query.decomposition.embedding.numpy(), gallery.decomposition.embedding.numpy()
-    q_att, g_att = query.decomposition.attribute_embeddings.numpy(), gallery.decomposition.attribute_embeddings.numpy()
-    target = np.array([[distance(a, b) for b in g_emb] for a in q_emb])
-    components = np.array([[[distance(q_att[q, m], g_att[g, m]) for m in range(num_attributes)]
-                            for g in range(len(g_emb))] for q in range(len(q_emb))])
+    target, components = _pair_distances(query, gallery, metric, num_attributes)
     results = {}
     identities = (query.pids.numpy(), gallery.pids.numpy(), query.camids.numpy(), gallery.camids.numpy())
     for name, distances in (("target", target), ("interpreter", components.mean(-1))):
         results.update({f"{name}_{key}": value for key, value in retrieval(distances, *identities, ranks).items()})
 
-    pair_list = pairs if pairs is not None else [(q, g) for q in range(len(q_emb)) for g in range(len(g_emb))]
+    num_queries, num_gallery = len(query.decomposition.embedding), len(gallery.decomposition.embedding)
+    pair_list = pairs if pairs is not None else [(q, g) for q in range(num_queries) for g in range(num_gallery)]
     errors, exclusive, common = [], [], []
     top, top_differ, differ_count, known_count, agree = (np.zeros(num_attributes) for _ in range(5))
     shares = [([], []) for _ in range(num_attributes)]  # per attribute: where it differs, where it is shared

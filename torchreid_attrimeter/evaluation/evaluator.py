@@ -148,38 +148,51 @@ class ExplanationEvaluator:
                              "model was trained with")
         pids = _as_long(pids, "pids", batch)
         camids = _as_long(camids, "camids", batch)
-        parts = self._parts[split]
+        self._store_labels(decomposition, attributes, attributes_known, split)
+        self._store_embeddings(decomposition, pids, camids, split)
+
+    def _store_labels(self, decomposition: Decomposition, attributes: Any | None, attributes_known: Any | None,
+                      split: str) -> None:
+        """Store a batch's attribute labels (0.5 splits them into 0/1) and which are known, and count the
+        attribute branch's correct predictions on the known ones. A split's batches must all carry labels
+        or none: the label metrics need them for every image."""
         has_attributes = attributes is not None
         if self._has_attributes[split] not in (None, has_attributes):
             raise ValueError(f"some {split} batches carry attribute labels and some do not; give all or none")
         self._has_attributes[split] = has_attributes
-        if has_attributes:
-            attributes = torch.as_tensor(np.asarray(attributes) if not isinstance(attributes, torch.Tensor)
-                                         else attributes).detach().cpu()
-            if tuple(attributes.shape) != (batch, num_attributes):
-                raise ValueError(f"attributes must have shape ({batch}, {num_attributes}), got "
-                                 f"{tuple(attributes.shape)}")
-            if attributes_known is None:
-                known = torch.ones(batch, num_attributes, dtype=torch.bool)
-            else:
-                known = torch.as_tensor(np.asarray(attributes_known) if not isinstance(attributes_known,
-                                        torch.Tensor) else attributes_known).detach().cpu().bool()
-                if tuple(known.shape) != (batch, num_attributes):
-                    raise ValueError(f"attributes_known must have shape ({batch}, {num_attributes}), got "
-                                     f"{tuple(known.shape)}")
-            labels = attributes > 0.5
-            parts["attributes"].append(labels)
-            parts["known"].append(known)
-            if decomposition.attribute_logits is not None:
-                predicted = decomposition.attribute_logits.detach().cpu() > 0
-                self._recognition_correct += ((predicted == labels) & known).sum(0).double()
-                self._recognition_known += known.sum(0).double()
+        if not has_attributes:
+            return
+        batch, num_attributes = len(decomposition), decomposition.num_attributes
+        attributes = _as_cpu_tensor(attributes)
+        if tuple(attributes.shape) != (batch, num_attributes):
+            raise ValueError(f"attributes must have shape ({batch}, {num_attributes}), got "
+                             f"{tuple(attributes.shape)}")
+        if attributes_known is None:
+            known = torch.ones(batch, num_attributes, dtype=torch.bool)
+        else:
+            known = _as_cpu_tensor(attributes_known).bool()
+            if tuple(known.shape) != (batch, num_attributes):
+                raise ValueError(f"attributes_known must have shape ({batch}, {num_attributes}), got "
+                                 f"{tuple(known.shape)}")
+        labels = attributes > 0.5
+        self._parts[split]["attributes"].append(labels)
+        self._parts[split]["known"].append(known)
+        if decomposition.attribute_logits is not None:
+            predicted = decomposition.attribute_logits.detach().cpu() > 0
+            self._recognition_correct += ((predicted == labels) & known).sum(0).double()
+            self._recognition_known += known.sum(0).double()
+
+    def _store_embeddings(self, decomposition: Decomposition, pids: torch.Tensor, camids: torch.Tensor,
+                          split: str) -> None:
+        """Store a batch's embeddings (as float32), identities and cameras, refusing non-finite
+        embeddings: one NaN would silently spoil every ranking it enters."""
+        parts = self._parts[split]
         embedding = decomposition.embedding.detach()
         attribute_embeddings = decomposition.attribute_embeddings.detach()
         for name, values in (("embedding", embedding), ("attribute embeddings", attribute_embeddings)):
             if not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
-                raise ValueError(f"the {split} {name} contain NaN/inf (batch of {batch}); the model diverged or "
-                                 "overflowed in half precision: try amp=False")
+                raise ValueError(f"the {split} {name} contain NaN/inf (batch of {len(decomposition)}); the model "
+                                 "diverged or overflowed in half precision: try amp=False")
         parts["embedding"].append(embedding.float())
         # Stored attribute-major (M, B, D) so that the evaluation's batched products read contiguous rows.
         parts["attribute_embeddings"].append(attribute_embeddings.float().transpose(0, 1).contiguous())
@@ -255,6 +268,11 @@ def _release_freed_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
         pass
+
+
+def _as_cpu_tensor(values: Any) -> torch.Tensor:
+    """``values`` (a tensor, array or nested list) as a tensor on the CPU, detached from any graph."""
+    return torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values).detach().cpu()
 
 
 def _as_long(values: Any, name: str, batch: int) -> torch.Tensor:
