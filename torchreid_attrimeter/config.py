@@ -424,6 +424,19 @@ def check_attrimeter_config(cfg: CN) -> None:
             f"attrimeter.warmup_epochs={node.warmup_epochs}, attrimeter.warmup_factor={node.warmup_factor}: "
             f"use warmup_epochs >= 0 and 0 < warmup_factor <= 1"
         )
+    _check_evaluation_config(cfg)
+    if node.cache_target_features:
+        try:
+            check_cacheable_transforms(cfg.data.transforms, cfg.data.k_tfm)
+        except FeatureCacheError as error:  # the cache says what it can serve; here it is a config value
+            raise ConfigError(str(error)) from None
+    check_numbers(cfg)
+    check_sampler_config(cfg)
+
+
+def _check_evaluation_config(cfg: CN) -> None:
+    """The distance metric, torchreid's test options and the attrimeter.eval node."""
+    node = cfg.attrimeter
     metric = distance_metric(cfg)
     if metric not in METRICS:
         raise ConfigError(
@@ -440,13 +453,6 @@ def check_attrimeter_config(cfg: CN) -> None:
         )
     if node.eval.memory_budget_mb <= 0:
         raise ConfigError(f"attrimeter.eval.memory_budget_mb is {node.eval.memory_budget_mb}: it must be > 0")
-    if node.cache_target_features:
-        try:
-            check_cacheable_transforms(cfg.data.transforms, cfg.data.k_tfm)
-        except FeatureCacheError as error:  # the cache says what it can serve; here it is a config value
-            raise ConfigError(str(error)) from None
-    check_numbers(cfg)
-    check_sampler_config(cfg)
 
 
 def check_test_options(*, normalize_feature: bool, rerank: bool, visrank: bool, use_metric_cuhk03: bool) -> None:

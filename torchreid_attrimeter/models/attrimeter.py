@@ -194,15 +194,7 @@ def build_attrimeter(target: str | nn.Module, num_attributes: int,
     trusted: allow full unpickling of ``target_weights`` (only for files you trust).
     pretrained: when building from a name, let torchreid load its ImageNet weights (downloads).
     """
-    if isinstance(num_attributes, bool) or not isinstance(num_attributes, int) or num_attributes <= 0:
-        raise ValueError(f"num_attributes must be a positive integer, got {num_attributes!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown AttriMeter variant '{variant}': use one of {VARIANTS}")
-    if isinstance(hidden_channels, bool) or not isinstance(hidden_channels, int) or hidden_channels <= 0:
-        raise ValueError(f"hidden_channels must be a positive integer, got {hidden_channels!r}")
-    if len(tuple(image_size)) != 2 or min(image_size) <= 0:
-        raise ValueError(f"image_size must be (height, width) with positive sizes, got {image_size!r}")
-    image_size = (int(image_size[0]), int(image_size[1]))
+    image_size = _check_build_arguments(num_attributes, variant, hidden_channels, image_size)
 
     state_dict, weights_path = None, None
     if target_weights is not None:
@@ -243,6 +235,20 @@ def build_attrimeter(target: str | nn.Module, num_attributes: int,
     return AttriMeter(split, num_attributes, interpreter_channels=sizes["interpreter_channels"],
                       interpreter_trunk=interpreter_trunk, hidden_channels=hidden_channels,
                       attribute_branch=attribute_branch, target_spec=target_spec)
+
+
+def _check_build_arguments(num_attributes, variant, hidden_channels, image_size) -> tuple[int, int]:
+    """``build_attrimeter``'s plain arguments, checked before any weights are read; returns image_size
+    as (height, width) ints."""
+    if isinstance(num_attributes, bool) or not isinstance(num_attributes, int) or num_attributes <= 0:
+        raise ValueError(f"num_attributes must be a positive integer, got {num_attributes!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown AttriMeter variant '{variant}': use one of {VARIANTS}")
+    if isinstance(hidden_channels, bool) or not isinstance(hidden_channels, int) or hidden_channels <= 0:
+        raise ValueError(f"hidden_channels must be a positive integer, got {hidden_channels!r}")
+    if len(tuple(image_size)) != 2 or min(image_size) <= 0:
+        raise ValueError(f"image_size must be (height, width) with positive sizes, got {image_size!r}")
+    return int(image_size[0]), int(image_size[1])
 
 
 def describe(model: AttriMeter) -> dict[str, Any]:
