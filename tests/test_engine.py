@@ -237,7 +237,7 @@ def test_a_fresh_run_refuses_a_save_dir_holding_another_runs_later_checkpoints(e
 def test_a_resumed_run_refuses_to_branch_off_before_the_folders_latest_checkpoint(engine, tmp_path):
     save_dir = str(tmp_path / "run")
     path = engine.save_model(0, None, save_dir)
-    engine._rolling_checkpoint = None
+    engine.checkpoints.rolling = None
     _fake_checkpoints(save_dir, [5])
     resumed = AttriMeterEngine(engine.datamanager, engine.model, engine.optimizer, engine.scheduler,
                                use_gpu=False)
@@ -248,7 +248,7 @@ def test_a_resumed_run_refuses_to_branch_off_before_the_folders_latest_checkpoin
 
 def test_a_run_resumed_from_another_folder_refuses_a_save_dir_with_checkpoints(engine, tmp_path):
     path = engine.save_model(0, None, str(tmp_path / "first"))
-    engine._rolling_checkpoint = None
+    engine.checkpoints.rolling = None
     _fake_checkpoints(str(tmp_path / "second"), [1])
     resumed = AttriMeterEngine(engine.datamanager, engine.model, engine.optimizer, engine.scheduler,
                                use_gpu=False)
