@@ -420,9 +420,11 @@ class AttriMeterEngine(compat.Engine):
         """Write ``<save_dir>/model/model.pth.tar-<epoch+1>`` (``CheckpointWriter.save``; torchreid's
         crashes without a scheduler); under torchrun on rank 0 only. A checkpoint of an epoch without
         evaluation (rank1 None) is replaced by the next one."""
-        path = self._on_main_process(self.checkpoints.save, save_dir, epoch + 1, self.checkpoint_state(epoch, rank1),
-                                     rolling=rank1 is None, is_best=is_best,
-                                     what=f"saving the checkpoint of epoch {epoch + 1}")
+        def write() -> str:  # the state too is gathered on rank 0 only
+            return self.checkpoints.save(save_dir, epoch + 1, self.checkpoint_state(epoch, rank1),
+                                         rolling=rank1 is None, is_best=is_best)
+
+        path = self._on_main_process(write, what=f"saving the checkpoint of epoch {epoch + 1}")
         self.last_checkpoint, self.last_checkpoint_epoch = path, epoch + 1
         return path
 

@@ -309,9 +309,10 @@ class _TileOutputs:
             query_share_sums=query_share_sums, query_pair_counts=query_pair_counts,
         )
 
-    def totals(self, num_attributes: int) -> TileTotals:
+    def totals(self) -> TileTotals:
         """The threads' partial results added up (the error maximum is a maximum, not a sum)."""
         sums, counts = self.sums, self.counts
+        num_attributes = counts.shape[2]
         summed = {**dict(zip(TALLY_NAMES, self.tallies.sum(0).tolist())),
                   **dict(zip(SUM_NAMES, sums.sum(0).tolist()))}
         summed["error_max"] = float(sums[:, SUM_NAMES.index("error_max")].max())
@@ -384,4 +385,4 @@ def tile_totals(
         _pointer(out.query_pair_counts),
     )
     _run_tile(library, tile)
-    return out.totals(num_attributes)
+    return out.totals()

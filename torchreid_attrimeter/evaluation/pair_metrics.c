@@ -84,6 +84,10 @@ static inline float bits_float(int32_t bits) {
     return value;
 }
 
+/* A known component's ranking key (definitions.rank_key, explanation_metrics.ranking_keys): the bits of
+ * the non-negative float, which order like its value, with the lowest bit = differs. */
+static inline int32_t ranking_key(float value, int32_t differ) { return (float_bits(value) & ~1) | differ; }
+
 /* Components (M, n) of row `row`, columns [column, column + n). */
 static void group_components(const Tile *t, int64_t row, int64_t column, int64_t n, float comp[][W]) {
     const int64_t M = t->num_attributes;
@@ -111,8 +115,9 @@ static void group_components(const Tile *t, int64_t row, int64_t column, int64_t
 /* --- ADRE histogram bins ----------------------------------------------------------------------------
  *
  * A relative error's bin is defined by a double log10 (RelativeErrorHistogram.add: histc of the clamped
- * log10 of the error), written out in reference_bin. That costs ~20 ns a pair, so each call first finds,
- * with reference_bin itself, the smallest float of every bin; a pair's bin is then a lookup by the
+ * log10 of the error), written out in reference_bin. That costs ~20 ns a pair, so a table is built once
+ * (error_bins_for) holding, found with reference_bin itself, the smallest float of every bin; a pair's
+ * bin is then a lookup by the
  * float's exponent and top mantissa bits (its slot) plus a comparison with the next bin's first float.
  * The bins are the reference's by construction; a one-off program compared both for every float. */
 
@@ -319,8 +324,7 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
             differ_of[m][w] = (uint8_t)differ;
             comp[m][w] = known ? value : 0.0f;  /* from here on: the known components */
             total[w] += comp[m][w];
-            const int32_t key = (float_bits(value) & ~1) | differ;
-            ranked[m][w] = known ? key : UNKNOWN_KEY;  /* sorted below */
+            ranked[m][w] = known ? ranking_key(value, differ) : UNKNOWN_KEY;  /* sorted below */
         }
     }
     for (int64_t c = 0; c < t->num_comparators; c++) {
@@ -384,9 +388,8 @@ static void explanation_metrics(const Tile *t, int64_t row, int64_t column, int6
             const int32_t use = mask[w];
             const int32_t known = known_of[m][w] & use;
             const int32_t differ = differ_of[m][w] & use;
-            /* The key (as above) of a known component; an unknown one is never in the top k. */
-            const int32_t key = (float_bits(comp[m][w]) & ~1) | differ_of[m][w];
-            const int32_t in_top_k = (key >= threshold[w]) & known;
+            /* An unknown component is never in the top k. */
+            const int32_t in_top_k = (ranking_key(comp[m][w], differ_of[m][w]) >= threshold[w]) & known;
             const int32_t large = comp[m][w] * num_known[w] > total[w];
             top_k += in_top_k;
             top_k_differ += in_top_k & differ;
