@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from torchreid_attrimeter.attributes import AttributeSchema, get_schema
-from torchreid_attrimeter.data.synthetic import plan_synthetic_dataset, render_person
+from torchreid_attrimeter.data.synthetic import BINARY_ATTRIBUTES, plan_synthetic_dataset, render_person
 from torchreid_attrimeter.explain import Explainer
 from torchreid_attrimeter.faithfulness import (
     CounterfactualPair,
@@ -23,11 +23,13 @@ from torchreid_attrimeter.faithfulness import (
     counterfactual_benchmark,
     decompose_with_maps,
     deletion_test,
+    drawn_regions,
     format_faithfulness_table,
     identity_labels,
     pair_shares,
     region_maps,
     score_attribution,
+    share_auc_test,
     topk_hit_rate,
 )
 
@@ -234,6 +236,64 @@ def test_deletion_of_the_top_map_removes_the_whole_distance(explainer):
         deletion_test(explainer, first, second, area=1.5)
 
 
+def test_deletion_references_find_the_changed_region(explainer):
+    pairs = _pairs(6)
+    first = [pair.original for pair in pairs]
+    second = [pair.counterfactual for pair in pairs]
+    regions = [pair.regions for pair in pairs]
+    results = deletion_test(explainer, first, second, area=0.25, random_draws=4, seed=0, regions_a=regions,
+                            regions_b=regions)
+    # the oracle's top attribute is the changed one and its region is exactly the changed cells
+    assert results["region_oracle_top_map_drop"] == pytest.approx(100.0, abs=1e-3)
+    assert results["region_oracle_best_map_drop"] == pytest.approx(100.0, abs=1e-3)
+    assert results["best_map_drop"] == pytest.approx(100.0, abs=1e-3)
+    before = deletion_test(explainer, first, second, area=0.25, random_draws=4, seed=0)
+    assert before["top_map_drop"] == results["top_map_drop"] and before["random_drop"] == results["random_drop"]
+    assert "region_oracle_top_map_drop" not in before
+    # F is zero outside regions A and B: its 4 largest positions are A and B, which hold the whole distance
+    half = deletion_test(explainer, first, second, area=0.5, random_draws=2, seed=0)
+    assert half["feature_norm_drop"] == pytest.approx(100.0, abs=1e-3)
+    table = format_faithfulness_table({"deletion": results})
+    assert "region oracle, best region chosen per pair" in table and "x random" in table
+    with pytest.raises(FaithfulnessError, match="regions_a and regions_b"):
+        deletion_test(explainer, first, second, regions_a=regions)
+
+
+def _labelled_images(count: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Images of different people: region A bright when attribute 'a' is present, dark otherwise (a
+    little noise); region B random whatever 'b' says; 'c' is never present."""
+    rng = np.random.default_rng(7)
+    labels = np.zeros((count, 3), dtype=np.int64)
+    labels[:, 0] = np.arange(count) % 2
+    labels[:, 1] = rng.integers(0, 2, count)
+    images = []
+    for index in range(count):
+        pixels = rng.integers(0, 256, (HEIGHT, WIDTH, 3)).astype(np.uint8)
+        pixels[0:8, 0:4] = (200 if labels[index, 0] else 40) + rng.integers(0, 4, (8, 4, 3))
+        images.append(pixels)
+    return images, labels
+
+
+def test_share_auc_separates_the_attribute_its_region_shows(explainer):
+    images, labels = _labelled_images(12)
+    results = share_auc_test(explainer, images, labels, list(range(12)), regions=[_REGIONS] * 12)
+    assert results["pairs"] == 66 and results["images"] == 12
+    for method in ("interpreter", "region_oracle"):
+        per_attribute = results[method]["per_attribute"]
+        # a pair that differs in 'a' differs in region A by ~160 grey levels, one that shares it by ~4
+        assert per_attribute["a"] == pytest.approx(1.0)
+        assert per_attribute["c"] is None  # nobody has 'c': no pair differs in it
+        assert results[method]["macro"] == pytest.approx((per_attribute["a"] + per_attribute["b"]) / 2)
+    same_person = share_auc_test(explainer, images, labels, [0] * 6 + [1] * 6)
+    assert same_person["pairs"] == 36 and "region_oracle" not in same_person
+    table = format_faithfulness_table({"share_auc": results})
+    assert "region oracle" in table and "n/a" in table
+    with pytest.raises(FaithfulnessError, match="at least two identities"):
+        share_auc_test(explainer, images, labels, [5] * 12)
+    with pytest.raises(FaithfulnessError, match="labels"):
+        share_auc_test(explainer, images, labels[:, :2], list(range(12)))
+
+
 def test_schema_mismatch_is_refused(explainer):
     with pytest.raises(FaithfulnessError, match="schema 'market1501'"):
         counterfactual_benchmark(explainer, _pairs(2), get_schema("market1501"), torch.ones(26))
@@ -273,6 +333,24 @@ def test_counterfactual_pairs_change_exactly_the_named_attribute(tiny_plan):
     assert len(only_hat) == 1 and only_hat[0].regions.any(axis=(1, 2)).all()  # every region all the same
     assert np.array_equal(only_hat[0].regions[schema.index("hat")], pairs[schema.index("hat")].regions[
         schema.index("hat")])
+
+
+def test_drawn_regions_are_the_counterfactual_pairs_regions(tiny_plan):
+    schema = get_schema("market1501")
+    pairs = build_counterfactual_pairs(tiny_plan, schema, max_images=1, seed=0)
+    regions = drawn_regions(tiny_plan, schema, pairs[0].image_name)
+    for m, name in enumerate(schema.attributes):
+        if name in BINARY_ATTRIBUTES:
+            assert np.array_equal(regions[m], pairs[0].regions[m]), name
+        else:  # a colour turned off becomes a random other one: the garment, up to anti-aliased edges
+            overlap = (regions[m] & pairs[0].regions[m]).sum() / (regions[m] | pairs[0].regions[m]).sum()
+            assert overlap > 0.9, name
+    pictures, labels, pids, chosen = tool.synthetic_auc_images(tiny_plan, schema, 3, seed=0)
+    assert len(pictures) == len(chosen) == len(pids) == 3 and labels.shape == (3, schema.num_attributes)
+    assert all(picture.size == (32, 64) for picture in pictures)
+    assert all(region.shape == (schema.num_attributes, 64, 32) and region.any() for region in chosen)
+    for pid, row in zip(pids, labels):
+        assert pid in tiny_plan.test_pids and np.array_equal(row, identity_labels(schema, tiny_plan.identities[pid]))
 
 
 def test_frequencies_and_labels_follow_the_schema(tiny_plan):

@@ -1,6 +1,8 @@
 """Faithfulness benchmark of a trained AttriMeter interpreter: counterfactual attribution on the
 synthetic dataset (against uniform, frequency and random-map references, and a region oracle whose
-maps are where each attribute is drawn) and the feature-level deletion test. Prints a table and writes a JSON file (an existing one is never replaced unless
+maps are where each attribute is drawn), the feature-level deletion test (with the region oracle's
+maps too on synthetic images) and the share AUC over pairs of different synthetic people (interpreter
+and region oracle). Prints a table and writes a JSON file (an existing one is never replaced unless
 --overwrite is given).
 
     python tools/benchmark_faithfulness.py                       (the demo's models in ./demo_output)
@@ -22,14 +24,18 @@ import numpy as np
 from torchreid_attrimeter.attributes import get_schema
 from torchreid_attrimeter.checkpoints import latest_checkpoint
 from torchreid_attrimeter.cli.errors import run_tool
-from torchreid_attrimeter.data.synthetic import DATASET_DIR, load_synthetic_plan
+from torchreid_attrimeter.data.synthetic import DATASET_DIR, load_synthetic_plan, render_person
 from torchreid_attrimeter.explain import Explainer
 from torchreid_attrimeter.faithfulness import (
+    TEST_FOLDERS,
     attribute_frequencies,
     build_counterfactual_pairs,
     counterfactual_benchmark,
     deletion_test,
+    drawn_regions,
     format_faithfulness_table,
+    identity_labels,
+    share_auc_test,
 )
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -48,7 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-images", type=int, default=100,
                         help="test images to redraw (each gives one pair per attribute); 0 = all")
     parser.add_argument("--topk", type=int, default=3, help="k of the top-k attribution accuracy")
-    parser.add_argument("--no-counterfactual", action="store_true", help="skip the counterfactual benchmark")
+    parser.add_argument("--no-counterfactual", action="store_true",
+                        help="skip the synthetic tests (counterfactual pairs and the share AUC)")
+    parser.add_argument("--auc-images", type=int, default=150,
+                        help="synthetic test images whose pairs of different people give the share AUC of the "
+                             "interpreter and of the region oracle; 0 = skip it")
     parser.add_argument("--deletion-images", help="folder of images for the deletion test (default: the "
                         "synthetic query and gallery images)")
     parser.add_argument("--deletion-pairs", type=int, default=300,
@@ -111,6 +121,36 @@ def deletion_pairs(files: list[str], count: int, seed: int) -> tuple[list[str], 
     return first, second
 
 
+def synthetic_auc_images(plan, schema, count: int, seed: int) -> tuple[list, np.ndarray, list[int], list[np.ndarray]]:
+    """``count`` labelled synthetic test images (a seeded choice), drawn from the plan, with their
+    labels (N, M), pids and drawn regions."""
+    images = [planned for planned in plan.images if planned.folder in TEST_FOLDERS and planned.identity is not None
+              and planned.identity.pid > 0]
+    chosen = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
+    images = [images[i] for i in sorted(chosen)]
+    size = (int(plan.parameters["image_height"]), int(plan.parameters["image_width"]))
+    pictures = [render_person(planned.identity, planned.camera, planned.view, size) for planned in images]
+    labels = np.stack([identity_labels(schema, planned.identity) for planned in images])
+    regions = [drawn_regions(plan, schema, planned.name, seed) for planned in images]
+    return pictures, labels, [planned.identity.pid for planned in images], regions
+
+
+def run_deletion(args: argparse.Namespace, explainer: Explainer, root: str, plan, schema) -> dict:
+    """The deletion test on the synthetic test images (with the region oracle) or on --deletion-images."""
+    folders = ([args.deletion_images] if args.deletion_images else
+               [os.path.join(root, DATASET_DIR, folder) for folder in TEST_FOLDERS])
+    first, second = deletion_pairs(image_files(folders), args.deletion_pairs, args.seed)
+    regions = {}
+    if plan is not None and not args.deletion_images:  # the plan knows where each attribute is drawn
+        for path in set(first + second):
+            regions[path] = drawn_regions(plan, schema, os.path.basename(path), args.seed)
+    results = deletion_test(explainer, first, second, area=args.area, seed=args.seed, batch_size=args.batch_size,
+                            regions_a=[regions[path] for path in first] if regions else None,
+                            regions_b=[regions[path] for path in second] if regions else None)
+    results["images"] = [os.path.abspath(folder) for folder in folders]
+    return results
+
+
 def run(args: argparse.Namespace) -> dict:
     checkpoint, root, output = resolve_paths(args)
     explainer = Explainer.from_checkpoint(checkpoint, target_weights=args.target_weights, trusted=args.trusted,
@@ -119,9 +159,9 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {"checkpoint": os.path.abspath(checkpoint), "target": record["target"],
                      "metric": explainer.metric, "seed": args.seed}
     start = time.time()
-    if not args.no_counterfactual:
-        schema = get_schema(record["schema"])
-        plan = load_synthetic_plan(root)
+    schema = get_schema(record["schema"])
+    plan = None if args.no_counterfactual else load_synthetic_plan(root)
+    if plan is not None:
         pairs = build_counterfactual_pairs(plan, schema, max_images=args.max_images or None, seed=args.seed)
         print(f"=> {len(pairs)} counterfactual pairs rendered ({time.time() - start:.0f} s)", flush=True)
         results["dataset_root"] = os.path.abspath(root)
@@ -130,12 +170,12 @@ def run(args: argparse.Namespace) -> dict:
             batch_size=args.batch_size)
         print(f"=> counterfactual benchmark done ({time.time() - start:.0f} s)", flush=True)
     if args.deletion_pairs > 0:
-        folders = ([args.deletion_images] if args.deletion_images else
-                   [os.path.join(root, DATASET_DIR, folder) for folder in ("query", "bounding_box_test")])
-        first, second = deletion_pairs(image_files(folders), args.deletion_pairs, args.seed)
-        results["deletion"] = deletion_test(explainer, first, second, area=args.area, seed=args.seed,
-                                            batch_size=args.batch_size)
-        results["deletion"]["images"] = [os.path.abspath(folder) for folder in folders]
+        results["deletion"] = run_deletion(args, explainer, root, plan, schema)
+        print(f"=> deletion test done ({time.time() - start:.0f} s)", flush=True)
+    if plan is not None and args.auc_images > 0:
+        pictures, labels, pids, regions = synthetic_auc_images(plan, schema, args.auc_images, args.seed)
+        results["share_auc"] = share_auc_test(explainer, pictures, labels, pids, regions=regions,
+                                              batch_size=args.batch_size)
     results["seconds"] = time.time() - start
     print(format_faithfulness_table(results))
     mode = "w" if args.overwrite else "x"  # 'x' fails instead of replacing a file made meanwhile

@@ -1,6 +1,6 @@
 """Faithfulness of an AttriMeter interpreter, measured where the right answer is known.
 
-Two tests:
+Three tests:
 
 - **Counterfactual attribution** (synthetic dataset only): each test image is redrawn with the same
   identity, camera and pose but exactly one attribute (or one colour) changed
@@ -16,7 +16,12 @@ Two tests:
 - **Feature-level deletion** (any images): for a pair, the region where the top attribute's map is
   largest is removed from the target's feature map F of both images (F ⊙ (1 − mask) through the
   target's own tail), and the drop of the target distance is compared with removing a random region
-  of the same area. A map that points at what drives the distance removes more of it.
+  of the same area. A map that points at what drives the distance removes more of it. References of
+  the same area: the best of the interpreter's maps chosen per pair, F's own largest positions, and on
+  synthetic images the region oracle's regions.
+- **Share AUC over pairs of different people** (any labelled images): the evaluator's share AUC for the
+  interpreter and, on synthetic images, for the region oracle: how well maps that are exactly where each
+  attribute is drawn tell, over such pairs, the pairs that differ in an attribute from those that share it.
 
 Every distance and share comes from ``decomposition.pairwise_components``; images are preprocessed by
 the ``Explainer`` (torchreid's test transform).
@@ -39,12 +44,14 @@ from torchreid_attrimeter.data.synthetic import (
     LOWER_COLOURS,
     UPPER_COLOURS,
     IdentitySpec,
+    PlannedImage,
     SyntheticPlan,
     render_counterfactual,
     render_person,
 )
 from torchreid_attrimeter.decomposition import Decomposition, pairwise_components, pairwise_distance
 from torchreid_attrimeter.errors import AttriMeterError
+from torchreid_attrimeter.evaluation.explanation_metrics import share_auc, share_histogram
 from torchreid_attrimeter.models.head import positive_map
 
 __all__ = [
@@ -56,12 +63,14 @@ __all__ = [
     "counterfactual_benchmark",
     "decompose_with_maps",
     "deletion_test",
+    "drawn_regions",
     "format_faithfulness_table",
     "identity_labels",
     "pair_shares",
     "random_positive_maps",
     "region_maps",
     "score_attribution",
+    "share_auc_test",
     "topk_hit_rate",
 ]
 
@@ -127,6 +136,36 @@ def _change_for(attribute: str, identity: IdentitySpec, rng: np.random.Generator
     return None
 
 
+def _changed_pixels(image: Image.Image, pixels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: where a redrawing differs from the original pixels."""
+    return (np.asarray(image) != pixels).any(axis=-1)
+
+
+def _fill_regions(regions: np.ndarray, planned: PlannedImage, schema: AttributeSchema, indices: Sequence[int],
+                  rng: np.random.Generator, size: tuple[int, int], pixels: np.ndarray) -> None:
+    """Set ``regions[m]`` for each schema index m in ``indices``: the pixels that change when attribute m
+    alone is flipped (left empty when the generator cannot flip it alone)."""
+    for m in indices:
+        change = _change_for(schema.attributes[m], planned.identity, rng)
+        if change is not None:
+            image, _ = render_counterfactual(planned.identity, planned.camera, planned.view, change[0], change[1],
+                                             size)
+            regions[m] = _changed_pixels(image, pixels)
+
+
+def drawn_regions(plan: SyntheticPlan, schema: AttributeSchema, name: str, seed: int = 0) -> np.ndarray:
+    """(M, H, W) bool: where each attribute is drawn in the plan's image ``name`` (the region oracle's
+    regions, as ``build_counterfactual_pairs`` finds them), at the plan's image size."""
+    planned = plan.image(name)
+    if planned.identity is None:
+        raise FaithfulnessError(f"image '{name}' is a junk image: it has no person and no attribute regions")
+    size = (int(plan.parameters["image_height"]), int(plan.parameters["image_width"]))
+    pixels = np.asarray(render_person(planned.identity, planned.camera, planned.view, size))
+    regions = np.zeros((schema.num_attributes, *pixels.shape[:2]), dtype=bool)
+    _fill_regions(regions, planned, schema, range(schema.num_attributes), np.random.default_rng(seed), size, pixels)
+    return regions
+
+
 def build_counterfactual_pairs(plan: SyntheticPlan, schema: AttributeSchema, *,
                                folders: Sequence[str] = TEST_FOLDERS, max_images: int | None = None,
                                attributes: Sequence[str] | None = None, seed: int = 0) -> list[CounterfactualPair]:
@@ -160,16 +199,12 @@ def build_counterfactual_pairs(plan: SyntheticPlan, schema: AttributeSchema, *,
                 continue
             image, changed_identity = render_counterfactual(planned.identity, planned.camera, planned.view,
                                                             change[0], change[1], size)
-            regions[schema.attributes.index(name)] = (np.asarray(image) != pixels).any(axis=-1)
+            regions[schema.attributes.index(name)] = _changed_pixels(image, pixels)
             kind = change[0].replace("_", " ")
             label = kind if change[1] is None else f"{kind} {getattr(planned.identity, change[0])} -> {change[1]}"
             image_pairs.append((kind, label, changed_attributes(schema, planned.identity, changed_identity), image))
-        for index, name in enumerate(schema.attributes):
-            change = None if name in names else _change_for(name, planned.identity, region_rng)
-            if change is not None:
-                image, _ = render_counterfactual(planned.identity, planned.camera, planned.view, change[0],
-                                                 change[1], size)
-                regions[index] = (np.asarray(image) != pixels).any(axis=-1)
+        _fill_regions(regions, planned, schema, [m for m, name in enumerate(schema.attributes) if name not in names],
+                      region_rng, size, pixels)
         pairs.extend(CounterfactualPair(planned.name, kind, label, changed, original, image, regions)
                      for kind, label, changed, image in image_pairs)
     if not pairs:
@@ -459,14 +494,77 @@ def _distance_without(explainer, features: tuple, mask_a: torch.Tensor, mask_b: 
     return pairwise_distance(embedding_a.unsqueeze(1), embedding_b.unsqueeze(1), explainer.metric)[:, 0, 0]
 
 
+def _drops_of_all_maps(explainer, features: tuple, maps_a: torch.Tensor, maps_b: torch.Tensor, count: int,
+                       distance: torch.Tensor) -> torch.Tensor:
+    """(B, M) relative drop of each pair's distance when each attribute's top region is removed."""
+    return torch.stack([
+        _relative_drop(distance, _distance_without(explainer, features, _top_region(maps_a[:, m], count),
+                                                   _top_region(maps_b[:, m], count)))
+        for m in range(maps_a.shape[1])
+    ], dim=1)
+
+
+def _relative_drop(distance: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
+    return (distance - reduced) / distance.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _deletion_batch(explainer, inputs_a: torch.Tensor, inputs_b: torch.Tensor, area: float, random_draws: int,
+                    generator: torch.Generator, regions: tuple[np.ndarray, np.ndarray] | None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(target distances (B,), relative drops (B,) by method, positions removed) of one batch of pairs."""
+    first = explainer.model.decompose(inputs_a).to("cpu")
+    second = explainer.model.decompose(inputs_b).to("cpu")
+    distance, shares = _diagonal_shares(first, second, explainer.metric)
+    rows = torch.arange(len(distance))
+    feature_a, context_a = target_features(explainer.model, inputs_a)
+    feature_b, context_b = target_features(explainer.model, inputs_b)
+    height, width = feature_a.shape[2:]
+    count = max(1, round(area * height * width))
+    features = (feature_a, context_a, feature_b, context_b)
+    all_maps = _drops_of_all_maps(explainer, features, first.maps, second.maps, count, distance)
+    drops = {
+        "top_map": all_maps[rows, shares.argmax(dim=1)],
+        "best_map": all_maps.max(dim=1).values,
+        "feature_norm": _relative_drop(distance, _distance_without(
+            explainer, features, _top_region(feature_a.norm(dim=1).cpu(), count),
+            _top_region(feature_b.norm(dim=1).cpu(), count))),
+        "random": torch.stack([
+            _relative_drop(distance, _distance_without(
+                explainer, features, _random_region((len(rows), height, width), count, generator),
+                _random_region((len(rows), height, width), count, generator)))
+            for _ in range(random_draws)
+        ]).mean(dim=0),
+    }
+    if regions is not None:
+        maps_a = region_maps(regions[0], (height, width)).to(inputs_a.device)
+        maps_b = region_maps(regions[1], (height, width)).to(inputs_b.device)
+        _, oracle_shares = _diagonal_shares(decompose_with_maps(explainer.model, inputs_a, maps_a).to("cpu"),
+                                            decompose_with_maps(explainer.model, inputs_b, maps_b).to("cpu"),
+                                            explainer.metric)
+        oracle = _drops_of_all_maps(explainer, features, maps_a.cpu(), maps_b.cpu(), count, distance)
+        drops["region_oracle_top_map"] = oracle[rows, oracle_shares.argmax(dim=1)]
+        drops["region_oracle_best_map"] = oracle.max(dim=1).values
+    return distance, drops, count
+
+
 @torch.no_grad()
 def deletion_test(explainer, images_a: Sequence, images_b: Sequence, *, area: float = 0.2,
-                  random_draws: int = 5, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+                  random_draws: int = 5, seed: int = 0, batch_size: int = 64,
+                  regions_a: Sequence[np.ndarray] | None = None, regions_b: Sequence[np.ndarray] | None = None
+                  ) -> dict[str, Any]:
     """Remove, from the target feature map F of both images of each aligned pair, the ``area``
     fraction of positions where the top attribute's map (largest share of the pair) is largest, and
     compare the relative drop of the target distance with removing random regions of equal area.
 
-    Returns (JSON-safe): ``top_map_drop`` and ``random_drop`` (mean relative drop, %),
+    Also measured, as references: ``best_map_drop``, per pair the attribute map that removes the most
+    (what a better choice of the top attribute could reach with these maps); ``feature_norm_drop``, the
+    positions where F itself is largest (a saliency that names no attribute). With ``regions_a`` /
+    ``regions_b`` (one (M, H, W) bool array of drawn regions per image, see ``drawn_regions``) also the
+    region oracle's maps: ``region_oracle_top_map_drop`` (the attribute with the oracle's largest share)
+    and ``region_oracle_best_map_drop``.
+
+    Returns (JSON-safe): the mean relative drops above plus ``top_map_drop`` and ``random_drop`` (%),
     ``top_beats_random`` (% of pairs where the top map removes more than the mean random region),
     ``positions_removed`` and pair counts. Pairs at distance zero are skipped (nothing to remove).
     """
@@ -476,53 +574,100 @@ def deletion_test(explainer, images_a: Sequence, images_b: Sequence, *, area: fl
         raise FaithfulnessError(f"area must be a fraction in (0, 1), got {area}")
     if random_draws < 1:
         raise FaithfulnessError(f"random_draws must be at least 1, got {random_draws}")
+    if (regions_a is None) != (regions_b is None) or (
+            regions_a is not None and not len(regions_a) == len(regions_b) == len(images_a)):
+        raise FaithfulnessError("regions_a and regions_b must both be given, one region array per image")
     generator = torch.Generator().manual_seed(seed)
-    top_drops, random_drops, skipped, count = [], [], 0, 0
+    drops: dict[str, list[torch.Tensor]] = {}
+    skipped, count = 0, 0
     for start in range(0, len(images_a), batch_size):
-        inputs_a, _ = explainer.prepare(images_a[start:start + batch_size])
-        inputs_b, _ = explainer.prepare(images_b[start:start + batch_size])
-        first = explainer.model.decompose(inputs_a.to(explainer.device)).to("cpu")
-        second = explainer.model.decompose(inputs_b.to(explainer.device)).to("cpu")
-        distance, shares = _diagonal_shares(first, second, explainer.metric)
-        top = shares.argmax(dim=1)
-        rows = torch.arange(len(top))
-        feature_a, context_a = target_features(explainer.model, inputs_a.to(explainer.device))
-        feature_b, context_b = target_features(explainer.model, inputs_b.to(explainer.device))
-        height, width = feature_a.shape[2:]
-        count = max(1, round(area * height * width))
-
-        features = (feature_a, context_a, feature_b, context_b)
-        top_distance = _distance_without(explainer, features, _top_region(first.maps[rows, top], count),
-                                         _top_region(second.maps[rows, top], count))
-        random_distance = torch.stack([
-            _distance_without(explainer, features, _random_region((len(top), height, width), count, generator),
-                              _random_region((len(top), height, width), count, generator))
-            for _ in range(random_draws)
-        ]).mean(dim=0)
+        part = slice(start, start + batch_size)
+        inputs_a, _ = explainer.prepare(images_a[part])
+        inputs_b, _ = explainer.prepare(images_b[part])
+        regions = None if regions_a is None else (np.stack(regions_a[part]), np.stack(regions_b[part]))
+        distance, batch_drops, count = _deletion_batch(explainer, inputs_a.to(explainer.device),
+                                                       inputs_b.to(explainer.device), area, random_draws,
+                                                       generator, regions)
         valid = distance > 1e-6
         skipped += int((~valid).sum())
-        top_drops.append(((distance - top_distance) / distance.clamp_min(1e-12))[valid])
-        random_drops.append(((distance - random_distance) / distance.clamp_min(1e-12))[valid])
-    top_drop, random_drop = torch.cat(top_drops), torch.cat(random_drops)
-    if len(top_drop) == 0:
+        for name, drop in batch_drops.items():
+            drops.setdefault(name, []).append(drop[valid])
+    drops = {name: torch.cat(parts) for name, parts in drops.items()}
+    if len(drops["top_map"]) == 0:
         raise FaithfulnessError("every pair is at target distance zero: nothing to delete")
     return {
-        "pairs": len(top_drop),
+        "pairs": len(drops["top_map"]),
         "skipped_zero_distance": skipped,
         "area": float(area),
         "positions_removed": int(count),
         "random_draws": int(random_draws),
-        "top_map_drop": 100.0 * float(top_drop.mean()),
-        "random_drop": 100.0 * float(random_drop.mean()),
-        "top_beats_random": 100.0 * float((top_drop > random_drop).double().mean()),
+        **{f"{name}_drop": 100.0 * float(drop.mean()) for name, drop in drops.items()},
+        "top_beats_random": 100.0 * float((drops["top_map"] > drops["random"]).double().mean()),
     }
+
+
+# --- share AUC over pairs of different people -------------------------------------------------------------
+
+
+def _decompose_images(explainer, images: Sequence, regions: Sequence[np.ndarray] | None, batch_size: int
+                      ) -> Decomposition:
+    """Decompositions of images, with the interpreter's maps or (``regions``) the region oracle's."""
+    parts = []
+    for start in range(0, len(images), batch_size):
+        inputs, _ = explainer.prepare(images[start:start + batch_size])
+        inputs = inputs.to(explainer.device)
+        with torch.no_grad():
+            if regions is None:
+                parts.append(explainer.model.decompose(inputs).detach().to("cpu"))
+            else:
+                size = target_features(explainer.model, inputs[:1])[0].shape[2:]
+                maps = region_maps(np.stack(regions[start:start + batch_size]), size).to(explainer.device)
+                parts.append(decompose_with_maps(explainer.model, inputs, maps).to("cpu"))
+    return Decomposition.cat(parts)
+
+
+def share_auc_test(explainer, images: Sequence, labels: np.ndarray, pids: Sequence[int], *,
+                   regions: Sequence[np.ndarray] | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """The share AUC (``explanation_metrics.share_auc``, as the evaluator reports it) over every pair of
+    ``images`` of different identities: per attribute, how well the share of m tells the pairs that
+    differ in m from the pairs that share it. ``labels`` (N, M) 0/1 of the images' identities. With
+    ``regions`` (one (M, H, W) bool array per image) also for the region oracle's maps, each image with
+    its own drawn regions: what maps that are exactly where each attribute is give on such pairs.
+
+    Returns (JSON-safe): ``pairs``, and per method (``interpreter``, ``region_oracle``) ``per_attribute``
+    (name -> AUC, None where no pair differs or none shares) and ``macro``.
+    """
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int32)
+    pids = torch.as_tensor(list(pids))
+    if labels.shape != (len(images), len(explainer.attribute_names)) or len(pids) != len(images):
+        raise FaithfulnessError(f"{len(images)} images need labels ({len(images)}, "
+                                f"{len(explainer.attribute_names)}) and {len(images)} pids, got "
+                                f"{tuple(labels.shape)} and {len(pids)}")
+    first, second = torch.triu_indices(len(images), len(images), 1)
+    different = pids[first] != pids[second]
+    first, second = first[different], second[different]
+    if len(first) == 0:
+        raise FaithfulnessError("the share AUC needs images of at least two identities")
+    differ = (labels[first] != labels[second]).T.contiguous()
+    methods = {"interpreter": None} if regions is None else {"interpreter": None, "region_oracle": regions}
+    results: dict[str, Any] = {"pairs": len(first), "images": len(images)}
+    for name, method_regions in methods.items():
+        decomposition = _decompose_images(explainer, images, method_regions, batch_size)
+        components = pairwise_components(decomposition, decomposition, explainer.metric).attribute_components
+        components = components[first, second].T.contiguous()
+        auc = share_auc(share_histogram(components, components.sum(dim=0), differ, None))
+        per_attribute = {attribute: (None if math.isnan(value) else value)
+                         for attribute, value in zip(explainer.attribute_names, auc.tolist())}
+        known = [value for value in per_attribute.values() if value is not None]
+        results[name] = {"per_attribute": per_attribute, "macro": float(np.mean(known)) if known else None}
+    return results
 
 
 # --- report ------------------------------------------------------------------------------------------------
 
 
 def format_faithfulness_table(results: dict[str, Any]) -> str:
-    """A plain-text table of ``counterfactual_benchmark`` and/or ``deletion`` results."""
+    """A plain-text table of ``counterfactual_benchmark``, ``deletion`` and ``share_auc`` results."""
     lines = []
     counterfactual = results.get("counterfactual")
     if counterfactual:
@@ -547,7 +692,44 @@ def format_faithfulness_table(results: dict[str, Any]) -> str:
             lines.append("")
         lines.append(f"Deletion ({deletion['pairs']} pairs, {deletion['positions_removed']} positions = "
                      f"{100 * deletion['area']:.0f} % of F removed):")
-        lines.append(f"  top attribute's map: distance drop {deletion['top_map_drop']:.2f} %")
-        lines.append(f"  random region (mean of {deletion['random_draws']}): {deletion['random_drop']:.2f} %")
-        lines.append(f"  top map removes more than random in {deletion['top_beats_random']:.1f} % of pairs")
+        lines.extend(_deletion_lines(deletion))
+    auc = results.get("share_auc")
+    if auc:
+        if lines:
+            lines.append("")
+        lines.extend(_share_auc_lines(auc))
     return "\n".join(lines)
+
+
+def _deletion_lines(deletion: dict[str, Any]) -> list[str]:
+    random = deletion["random_drop"]
+
+    def line(label: str, key: str) -> str:
+        return f"  {label:<46s}{deletion[key]:6.2f} %  ({deletion[key] / max(random, 1e-12):.2f}x random)"
+
+    lines = [line("top attribute's map: distance drop", "top_map_drop"),
+             f"  {'random region (mean of ' + str(deletion['random_draws']) + ')':<46s}{random:6.2f} %"]
+    if "best_map_drop" in deletion:  # results of earlier versions have only the two lines above
+        lines += [line("best attribute's map, chosen per pair", "best_map_drop"),
+                  line("largest positions of F (no attribute)", "feature_norm_drop")]
+    if "region_oracle_top_map_drop" in deletion:
+        lines += [line("region oracle, top attribute's region", "region_oracle_top_map_drop"),
+                  line("region oracle, best region chosen per pair", "region_oracle_best_map_drop")]
+    lines.append(f"  top map removes more than random in {deletion['top_beats_random']:.1f} % of pairs")
+    return lines
+
+
+def _share_auc_lines(auc: dict[str, Any]) -> list[str]:
+    methods = [name for name in ("interpreter", "region_oracle") if name in auc]
+    title = (f"Share AUC over {auc['pairs']} pairs of different people ({auc['images']} images; 0.5 = the share "
+             f"says nothing)")
+    lines = [title,
+             f"{'attribute':<14s}" + "".join(f"{name.replace('_', ' '):>15s}" for name in methods)]
+
+    def cell(value: float | None) -> str:
+        return f"{'n/a' if value is None else f'{value:.2f}':>15s}"
+
+    for attribute in auc[methods[0]]["per_attribute"]:
+        lines.append(f"{attribute:<14s}" + "".join(cell(auc[name]["per_attribute"][attribute]) for name in methods))
+    lines.append(f"{'macro':<14s}" + "".join(cell(auc[name]["macro"]) for name in methods))
+    return lines
