@@ -247,6 +247,9 @@ def test_deletion_references_find_the_changed_region(explainer):
     assert results["region_oracle_top_map_drop"] == pytest.approx(100.0, abs=1e-3)
     assert results["region_oracle_best_map_drop"] == pytest.approx(100.0, abs=1e-3)
     assert results["best_map_drop"] == pytest.approx(100.0, abs=1e-3)
+    assert results["random_drop"] <= results["best_random_drop"] <= 100.0 + 1e-3
+    # the top map is 1 on the changed region and FLOOR elsewhere, F is non-zero there: the same region
+    assert results["top_contribution_drop"] == pytest.approx(100.0, abs=1e-3)
     before = deletion_test(explainer, first, second, area=0.25, random_draws=4, seed=0)
     assert before["top_map_drop"] == results["top_map_drop"] and before["random_drop"] == results["random_drop"]
     assert "region_oracle_top_map_drop" not in before

@@ -17,8 +17,8 @@ Three tests:
   largest is removed from the target's feature map F of both images (F ⊙ (1 − mask) through the
   target's own tail), and the drop of the target distance is compared with removing a random region
   of the same area. A map that points at what drives the distance removes more of it. References of
-  the same area: the best of the interpreter's maps chosen per pair, F's own largest positions, and on
-  synthetic images the region oracle's regions.
+  the same area: the best of the interpreter's maps chosen per pair (against the best of as many random
+  regions), F's own largest positions, and on synthetic images the region oracle's regions.
 - **Share AUC over pairs of different people** (any labelled images): the evaluator's share AUC for the
   interpreter and, on synthetic images, for the region oracle: how well maps that are exactly where each
   attribute is drawn tell, over such pairs, the pairs that differ in an attribute from those that share it.
@@ -510,8 +510,8 @@ def _relative_drop(distance: torch.Tensor, reduced: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def _deletion_batch(explainer, inputs_a: torch.Tensor, inputs_b: torch.Tensor, area: float, random_draws: int,
-                    generator: torch.Generator, regions: tuple[np.ndarray, np.ndarray] | None
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+                    generators: tuple[torch.Generator, torch.Generator],
+                    regions: tuple[np.ndarray, np.ndarray] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """(target distances (B,), relative drops (B,) by method, positions removed) of one batch of pairs."""
     first = explainer.model.decompose(inputs_a).to("cpu")
     second = explainer.model.decompose(inputs_b).to("cpu")
@@ -523,18 +523,28 @@ def _deletion_batch(explainer, inputs_a: torch.Tensor, inputs_b: torch.Tensor, a
     count = max(1, round(area * height * width))
     features = (feature_a, context_a, feature_b, context_b)
     all_maps = _drops_of_all_maps(explainer, features, first.maps, second.maps, count, distance)
+
+    def random_drops(draws: int, generator: torch.Generator) -> torch.Tensor:  # (draws, B)
+        shape = (len(rows), height, width)
+        return torch.stack([_relative_drop(distance, _distance_without(
+            explainer, features, _random_region(shape, count, generator), _random_region(shape, count, generator)))
+            for _ in range(draws)])
+
+    top = shares.argmax(dim=1)
+    norm_a, norm_b = feature_a.norm(dim=1).cpu(), feature_b.norm(dim=1).cpu()
     drops = {
-        "top_map": all_maps[rows, shares.argmax(dim=1)],
+        "top_map": all_maps[rows, top],
+        "random": random_drops(random_draws, generators[0]).mean(dim=0),
+        # the best of M maps per pair beats the mean region by selection alone: compare it with the best of
+        # M random regions
         "best_map": all_maps.max(dim=1).values,
+        "best_random": random_drops(all_maps.shape[1], generators[1]).max(dim=0).values,
         "feature_norm": _relative_drop(distance, _distance_without(
-            explainer, features, _top_region(feature_a.norm(dim=1).cpu(), count),
-            _top_region(feature_b.norm(dim=1).cpu(), count))),
-        "random": torch.stack([
-            _relative_drop(distance, _distance_without(
-                explainer, features, _random_region((len(rows), height, width), count, generator),
-                _random_region((len(rows), height, width), count, generator)))
-            for _ in range(random_draws)
-        ]).mean(dim=0),
+            explainer, features, _top_region(norm_a, count), _top_region(norm_b, count))),
+        # how much each position feeds attribute m's pooled features: A^m(s) * |F(s)|
+        "top_contribution": _relative_drop(distance, _distance_without(
+            explainer, features, _top_region(first.maps[rows, top] * norm_a, count),
+            _top_region(second.maps[rows, top] * norm_b, count))),
     }
     if regions is not None:
         maps_a = region_maps(regions[0], (height, width)).to(inputs_a.device)
@@ -558,11 +568,13 @@ def deletion_test(explainer, images_a: Sequence, images_b: Sequence, *, area: fl
     compare the relative drop of the target distance with removing random regions of equal area.
 
     Also measured, as references: ``best_map_drop``, per pair the attribute map that removes the most
-    (what a better choice of the top attribute could reach with these maps); ``feature_norm_drop``, the
-    positions where F itself is largest (a saliency that names no attribute). With ``regions_a`` /
-    ``regions_b`` (one (M, H, W) bool array of drawn regions per image, see ``drawn_regions``) also the
-    region oracle's maps: ``region_oracle_top_map_drop`` (the attribute with the oracle's largest share)
-    and ``region_oracle_best_map_drop``.
+    (what a better choice of the top attribute could reach with these maps), against
+    ``best_random_drop``, the best of M random regions per pair (choosing the best of M gains by
+    selection alone); ``feature_norm_drop``, the positions where F itself is largest (a saliency that
+    names no attribute); ``top_contribution_drop``, the top attribute's positions ranked by what they
+    feed its attribute embedding, A^m times the norm of F there. With ``regions_a`` / ``regions_b`` (one (M, H, W) bool array of drawn regions
+    per image, see ``drawn_regions``) also the region oracle's maps: ``region_oracle_top_map_drop`` (the
+    attribute with the oracle's largest share) and ``region_oracle_best_map_drop``.
 
     Returns (JSON-safe): the mean relative drops above plus ``top_map_drop`` and ``random_drop`` (%),
     ``top_beats_random`` (% of pairs where the top map removes more than the mean random region),
@@ -577,7 +589,8 @@ def deletion_test(explainer, images_a: Sequence, images_b: Sequence, *, area: fl
     if (regions_a is None) != (regions_b is None) or (
             regions_a is not None and not len(regions_a) == len(regions_b) == len(images_a)):
         raise FaithfulnessError("regions_a and regions_b must both be given, one region array per image")
-    generator = torch.Generator().manual_seed(seed)
+    # the test's random regions come first from their own generator, so they stay those of earlier versions
+    generators = (torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1))
     drops: dict[str, list[torch.Tensor]] = {}
     skipped, count = 0, 0
     for start in range(0, len(images_a), batch_size):
@@ -587,7 +600,7 @@ def deletion_test(explainer, images_a: Sequence, images_b: Sequence, *, area: fl
         regions = None if regions_a is None else (np.stack(regions_a[part]), np.stack(regions_b[part]))
         distance, batch_drops, count = _deletion_batch(explainer, inputs_a.to(explainer.device),
                                                        inputs_b.to(explainer.device), area, random_draws,
-                                                       generator, regions)
+                                                       generators, regions)
         valid = distance > 1e-6
         skipped += int((~valid).sum())
         for name, drop in batch_drops.items():
@@ -710,7 +723,9 @@ def _deletion_lines(deletion: dict[str, Any]) -> list[str]:
     lines = [line("top attribute's map: distance drop", "top_map_drop"),
              f"  {'random region (mean of ' + str(deletion['random_draws']) + ')':<46s}{random:6.2f} %"]
     if "best_map_drop" in deletion:  # results of earlier versions have only the two lines above
-        lines += [line("best attribute's map, chosen per pair", "best_map_drop"),
+        lines += [line("top attribute's contribution, map x |F|", "top_contribution_drop"),
+                  line("best attribute's map, chosen per pair", "best_map_drop"),
+                  line("best of as many random regions, per pair", "best_random_drop"),
                   line("largest positions of F (no attribute)", "feature_norm_drop")]
     if "region_oracle_top_map_drop" in deletion:
         lines += [line("region oracle, top attribute's region", "region_oracle_top_map_drop"),
