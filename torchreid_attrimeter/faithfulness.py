@@ -242,9 +242,15 @@ def target_features(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[torch
 @torch.no_grad()
 def decompose_with_maps(model: torch.nn.Module, inputs: torch.Tensor, maps: torch.Tensor) -> Decomposition:
     """A Decomposition of the model's target with given maps (B, M, h, w) instead of the interpreter's."""
+    return _decompose_features_with_maps(model, *target_features(model, inputs), maps)
+
+
+@torch.no_grad()
+def _decompose_features_with_maps(model: torch.nn.Module, feature_map: torch.Tensor, context: Any,
+                                  maps: torch.Tensor) -> Decomposition:
+    """``decompose_with_maps`` from the target's feature map F (B, C, h, w) and context, already computed."""
     split = _split_of(model)
-    feature_map, context = target_features(model, inputs)
-    if maps.shape[0] != inputs.shape[0] or maps.shape[2:] != feature_map.shape[2:]:
+    if maps.shape[0] != feature_map.shape[0] or maps.shape[2:] != feature_map.shape[2:]:
         raise FaithfulnessError(f"maps {tuple(maps.shape)} do not fit the feature map {tuple(feature_map.shape)}")
     return Decomposition(split.tail(feature_map, context), split.tail_of_products(feature_map, maps, context),
                          maps)
@@ -547,11 +553,12 @@ def _deletion_batch(explainer, inputs_a: torch.Tensor, inputs_b: torch.Tensor, a
             _top_region(second.maps[rows, top] * norm_b, count))),
     }
     if regions is not None:
-        maps_a = region_maps(regions[0], (height, width)).to(inputs_a.device)
-        maps_b = region_maps(regions[1], (height, width)).to(inputs_b.device)
-        _, oracle_shares = _diagonal_shares(decompose_with_maps(explainer.model, inputs_a, maps_a).to("cpu"),
-                                            decompose_with_maps(explainer.model, inputs_b, maps_b).to("cpu"),
-                                            explainer.metric)
+        maps_a = region_maps(regions[0], (height, width)).to(feature_a.device)
+        maps_b = region_maps(regions[1], (height, width)).to(feature_b.device)
+        _, oracle_shares = _diagonal_shares(
+            _decompose_features_with_maps(explainer.model, feature_a, context_a, maps_a).to("cpu"),
+            _decompose_features_with_maps(explainer.model, feature_b, context_b, maps_b).to("cpu"),
+            explainer.metric)
         oracle = _drops_of_all_maps(explainer, features, maps_a.cpu(), maps_b.cpu(), count, distance)
         drops["region_oracle_top_map"] = oracle[rows, oracle_shares.argmax(dim=1)]
         drops["region_oracle_best_map"] = oracle.max(dim=1).values
@@ -572,9 +579,10 @@ def deletion_test(explainer, images_a: Sequence, images_b: Sequence, *, area: fl
     ``best_random_drop``, the best of M random regions per pair (choosing the best of M gains by
     selection alone); ``feature_norm_drop``, the positions where F itself is largest (a saliency that
     names no attribute); ``top_contribution_drop``, the top attribute's positions ranked by what they
-    feed its attribute embedding, A^m times the norm of F there. With ``regions_a`` / ``regions_b`` (one (M, H, W) bool array of drawn regions
-    per image, see ``drawn_regions``) also the region oracle's maps: ``region_oracle_top_map_drop`` (the
-    attribute with the oracle's largest share) and ``region_oracle_best_map_drop``.
+    feed its attribute embedding, A^m times the norm of F there. With ``regions_a`` / ``regions_b`` (one
+    (M, H, W) bool array of drawn regions per image, see ``drawn_regions``) also the region oracle's
+    maps: ``region_oracle_top_map_drop`` (the attribute with the oracle's largest share) and
+    ``region_oracle_best_map_drop``.
 
     Returns (JSON-safe): the mean relative drops above plus ``top_map_drop`` and ``random_drop`` (%),
     ``top_beats_random`` (% of pairs where the top map removes more than the mean random region),
@@ -633,9 +641,10 @@ def _decompose_images(explainer, images: Sequence, regions: Sequence[np.ndarray]
             if regions is None:
                 parts.append(explainer.model.decompose(inputs).detach().to("cpu"))
             else:
-                size = target_features(explainer.model, inputs[:1])[0].shape[2:]
-                maps = region_maps(np.stack(regions[start:start + batch_size]), size).to(explainer.device)
-                parts.append(decompose_with_maps(explainer.model, inputs, maps).to("cpu"))
+                feature_map, context = target_features(explainer.model, inputs)
+                maps = region_maps(np.stack(regions[start:start + batch_size]), feature_map.shape[2:])
+                parts.append(_decompose_features_with_maps(explainer.model, feature_map, context,
+                                                           maps.to(feature_map.device)).to("cpu"))
     return Decomposition.cat(parts)
 
 
